@@ -1,0 +1,254 @@
+"""Typed configuration: YAML files, an environment overlay, and ``key.path=value`` overrides.
+
+Loading order (later wins):
+
+1. ``conf/base.yaml`` (always; the defaults every deployment shares),
+2. the named config file (``conf/local.yaml``, a cluster file, ...), which may name further
+   files to layer under it with ``extends:``,
+3. environment variables ``DEEPCONTENT__SECTION__KEY=value`` (double underscore = one level),
+4. ``key.path=value`` overrides from the command line.
+
+Values from 3 and 4 are parsed as YAML scalars, so ``synth.songs=500`` is an int and
+``storage.embedded_s3=false`` a bool.
+
+Secrets never live in these files. S3 keys come from the standard AWS environment variables
+or from a credentials file outside the repository (``storage.credentials_file``); a catalog
+password comes from ``warehouse.catalog_password_env``. The models below keep secrets in
+:class:`pydantic.SecretStr`, so printing a config or writing it to a manifest never shows them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+ENV_PREFIX = "DEEPCONTENT__"
+
+
+class ConfigError(ValueError):
+    """A configuration file, override or value is invalid; the message names which."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    """Where every stage reads and writes.
+
+    ``root`` is a URI (``s3://bucket/prefix`` or ``file:///abs/path``); every stage's inputs and
+    outputs are keys under it. With ``embedded_s3`` the CLI starts a real S3-compatible server
+    on loopback (``rclone serve s3``) serving ``embedded_s3_dir`` and points ``endpoint_url``
+    and the credentials at it for the run.
+    """
+
+    root: str = "s3://deepcontent"
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    credentials_file: str | None = None
+    credentials_profile: str = "default"
+    embedded_s3: bool = False
+    embedded_s3_dir: str = ".deepcontent/s3"
+    # Raw inputs (the catalog as published) live under this prefix of root.
+    raw_prefix: str = "raw"
+
+    @field_validator("root")
+    @classmethod
+    def _root_scheme(cls, v: str) -> str:
+        if not (v.startswith("s3://") or v.startswith("file://")):
+            raise ValueError(f"storage.root must start with s3:// or file://, got {v!r}")
+        return v.rstrip("/")
+
+
+class WarehouseConfig(_Section):
+    """Iceberg catalog. ``type: sql`` with a SQLite ``uri`` is the embedded default; Postgres
+    (``postgresql+psycopg2://user@host/db`` with the password from ``catalog_password_env``),
+    ``rest`` and ``glue`` are the cluster choices."""
+
+    catalog_name: str = "deepcontent"
+    type: Literal["sql", "rest", "glue"] = "sql"
+    uri: str = "sqlite:///.deepcontent/catalog.db"
+    catalog_password_env: str | None = None
+    namespace: str = "deepcontent"
+    # Where Iceberg writes data/metadata files; defaults to <storage.root>/warehouse.
+    location: str | None = None
+    properties: dict[str, str] = Field(default_factory=dict)
+
+
+class SparkConfig(_Section):
+    master: str = "local[*]"
+    app_name: str = "deepcontent"
+    driver_memory: str = "4g"
+    executor_memory: str = "4g"
+    shuffle_partitions: int = 8
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    num_cpus: int | None = None
+    include_dashboard: bool = False
+
+
+class SynthConfig(_Section):
+    """The generated catalog: sizes and what to write. See :mod:`deepcontent.synth`."""
+
+    seed: int = 0
+    songs: int = 200
+    users: int = 2000
+    mean_plays_per_user: float = 30.0
+    artists_per_genre: int = 6
+    audio: bool = True
+    audio_format: Literal["mp3", "ogg", "flac", "wav"] = "mp3"
+    clip_seconds: float = 30.0
+    sample_rate: int = 44100
+    lastfm_format: Literal["json", "db", "both"] = "json"
+    mismatch_fraction: float = 0.01
+    gtzan_per_genre: int = 10
+    mtat_clips: int = 100
+    workers: int | None = None
+
+
+class IngestConfig(_Section):
+    # Bytes per Spark task when splitting large line-oriented files.
+    chunk_bytes: int = 64 * 1024 * 1024
+    # Fail the job when more than this fraction of input records is quarantined.
+    max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class Config(_Section):
+    run_name: str = "deepcontent"
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    warehouse: WarehouseConfig = Field(default_factory=WarehouseConfig)
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none), secrets excluded.
+
+        Used in run manifests and to decide whether a stage has anything new to do."""
+        data = self.public_dict()
+        if sections:
+            data = {k: data[k] for k in sections}
+        blob = json.dumps(data, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as plain data with every secret replaced by ``"***"`` (or None)."""
+        data = self.model_dump(mode="json")
+        for key in ("access_key_id", "secret_access_key"):
+            if data["storage"].get(key) is not None:
+                data["storage"][key] = "***"
+        return data
+
+
+def _repo_conf_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _load_file_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config 'extends' cycle: {' -> '.join(map(str, seen + (path,)))}")
+    data = _read_yaml(path)
+    parents = data.pop("extends", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged: dict = {}
+    for parent in parents:
+        merged = _deep_merge(merged, _load_file_chain((path.parent / parent), seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"bad override key {dotted!r}: empty path segment")
+    node = data
+    for key in keys[:-1]:
+        nxt = node.setdefault(key, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML scalars)."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} must look like key.path=value")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(out, key.strip(), value)
+    return out
+
+
+def _env_overrides(environ: dict[str, str]) -> dict:
+    pairs = []
+    for name, raw in environ.items():
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            pairs.append(f"{dotted}={raw}")
+    return parse_overrides(pairs)
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    environ: dict[str, str] | None = None,
+    base: str | os.PathLike | None = None,
+) -> Config:
+    """Load ``base.yaml`` + ``path`` + environment + overrides into a :class:`Config`.
+
+    ``path=None`` loads the embedded default (``conf/local.yaml``)."""
+    conf_dir = _repo_conf_dir()
+    base_path = Path(base) if base is not None else conf_dir / "base.yaml"
+    data = _read_yaml(base_path) if base_path.exists() else {}
+    data.pop("extends", None)
+    chosen = Path(path) if path is not None else conf_dir / "local.yaml"
+    if chosen.resolve() != base_path.resolve():
+        data = _deep_merge(data, _load_file_chain(chosen))
+    data = _deep_merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
+    data = _deep_merge(data, parse_overrides(list(overrides)))
+    try:
+        return Config.model_validate(data)
+    except Exception as exc:  # pydantic's message names the field and the bad value
+        raise ConfigError(f"invalid configuration ({chosen}): {exc}") from None
