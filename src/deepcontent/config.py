@@ -98,14 +98,29 @@ class RayConfig(_Section):
     include_dashboard: bool = False
 
 
+class SourcesConfig(_Section):
+    """Keys of the raw inputs below ``<storage.root>/<storage.raw_prefix>``, in the layouts the
+    datasets are published in. The generator writes them; ingest reads them."""
+
+    triplets: str = "taste_profile/train_triplets.txt"
+    mismatches: str = "taste_profile/sid_mismatches.txt"
+    tracks: str = "msd/unique_tracks.txt"
+    lastfm_json: str = "lastfm/lastfm_train"
+    lastfm_db: str = "lastfm/lastfm_tags.db"
+    audio: str = "audio"
+    gtzan: str = "gtzan/genres"
+    mtat: str = "magnatagatune"
+
+
 class SynthConfig(_Section):
     """The generated catalog: sizes and what to write. See :mod:`deepcontent.synth`."""
 
     seed: int = 0
     songs: int = 200
     users: int = 2000
+    # Target distinct songs per user (a user whose taste reaches fewer songs gets fewer).
     mean_plays_per_user: float = 30.0
-    artists_per_genre: int = 6
+    songs_per_artist: int = 8
     audio: bool = True
     audio_format: Literal["mp3", "ogg", "flac", "wav"] = "mp3"
     clip_seconds: float = 30.0
@@ -127,6 +142,7 @@ class IngestConfig(_Section):
 class Config(_Section):
     run_name: str = "deepcontent"
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
     warehouse: WarehouseConfig = Field(default_factory=WarehouseConfig)
     spark: SparkConfig = Field(default_factory=SparkConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -192,10 +208,18 @@ def _load_file_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _deep_merge(merged, data)
 
 
+# Free-form string maps whose own keys contain dots (``spark.conf.spark.ui.enabled=false``).
+_STRING_MAPS = (("spark", "conf"), ("warehouse", "properties"))
+
+
 def _set_path(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     if not all(keys):
         raise ConfigError(f"bad override key {dotted!r}: empty path segment")
+    for prefix in _STRING_MAPS:
+        if tuple(keys[: len(prefix)]) == prefix and len(keys) > len(prefix):
+            keys = [*prefix, ".".join(keys[len(prefix):])]
+            value = str(value).lower() if isinstance(value, bool) else str(value)
     node = data
     for key in keys[:-1]:
         nxt = node.setdefault(key, {})

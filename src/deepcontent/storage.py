@@ -445,6 +445,31 @@ class Storage:
                 stale.append(obj.uri)
         self.delete(stale)
 
+    def read_line_range(self, uri: str, start: int, end: int, *, probe: int = 1 << 16) -> tuple[int, bytes]:
+        """The whole lines whose first byte lies in ``[start, end)`` of a line-oriented object.
+
+        Returns ``(offset of the first returned byte, bytes)``. Splitting an object into
+        consecutive ranges and calling this on each yields every line exactly once, so tasks
+        can parse one large file in parallel."""
+        with self.open_input(uri) as f:
+            size = f.size()
+
+            def next_newline(pos: int) -> int:
+                # position just past the first newline at or after pos (size if none)
+                while pos < size:
+                    buf = f.read_at(min(probe, size - pos), pos)
+                    i = buf.find(b"\n")
+                    if i >= 0:
+                        return pos + i + 1
+                    pos += len(buf)
+                return size
+
+            begin = 0 if start == 0 else next_newline(start - 1)
+            if begin >= min(end, size):
+                return begin, b""
+            stop = next_newline(end - 1)
+            return begin, f.read_at(stop - begin, begin)
+
     def iter_lines(self, uri: str, *, block: int = 8 << 20) -> Iterator[bytes]:
         """Stream an object's lines (without newline) in bounded memory."""
         with self.open_input(uri) as f:

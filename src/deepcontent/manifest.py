@@ -1,0 +1,116 @@
+"""Run manifests and progress logging shared by every stage.
+
+A manifest (``runs/<stage>/<run_id>.json`` under the storage root) records what a run read
+(with versions), what it wrote, the config fingerprint, the code version, row and quarantine
+counts and timings. It never contains secrets: configs go in through
+:meth:`deepcontent.config.Config.public_dict`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from deepcontent import __version__
+
+log = logging.getLogger("deepcontent")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Progress lines on stderr: ``HH:MM:SS stage: message``."""
+    root = logging.getLogger("deepcontent")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout (``0.1.0+abc1234``)."""
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / ".git").exists():
+        try:
+            sha = subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                capture_output=True, text=True, timeout=5, check=True,
+            ).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True, text=True, timeout=5,
+            ).stdout.strip()
+            return f"{__version__}+{sha}{'.dirty' if dirty else ''}"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return __version__
+
+
+@dataclass
+class RunManifest:
+    stage: str
+    run_id: str
+    config: dict[str, Any]
+    config_hash: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    quarantined: dict[str, int] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    status: str = "running"
+    started_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    finished_at: str | None = None
+    code_version: str = field(default_factory=code_version)
+    host: str = field(default_factory=lambda: os.uname().nodename)
+
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings_s[what] = round(self.timings_s.get(what, 0.0) + time.perf_counter() - t0, 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+    def write(self, storage, *, status: str) -> str:
+        """Write the manifest to ``runs/<stage>/<run_id>.json``; returns its URI."""
+        self.status = status
+        self.finished_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        uri = storage.uri("runs", self.stage, f"{self.run_id}.json")
+        storage.write_json(uri, self.to_dict())
+        return uri
+
+
+class Progress:
+    """Rate-limited progress lines for long loops: ``stage: what 120/300 (40%), 12.3/s, eta 15s``."""
+
+    def __init__(self, stage: str, what: str, total: int | None, *, every_s: float = 5.0) -> None:
+        self.stage, self.what, self.total, self.every_s = stage, what, total, every_s
+        self.done = 0
+        self.t0 = self._last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self._last >= self.every_s or (self.total is not None and self.done >= self.total):
+            self._last = now
+            self._emit(now)
+
+    def _emit(self, now: float) -> None:
+        elapsed = max(now - self.t0, 1e-9)
+        rate = self.done / elapsed
+        if self.total:
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info("%s: %s %d/%d (%d%%), %.1f/s, eta %.0fs", self.stage, self.what, self.done,
+                     self.total, 100 * self.done // self.total, rate, eta)
+        else:
+            log.info("%s: %s %d, %.1f/s", self.stage, self.what, self.done, rate)

@@ -1,0 +1,772 @@
+"""Warehouse tables: the data contract as Apache Iceberg schemas, and idempotent commits.
+
+Every canonical table of the data contract (``ARCHITECTURE.md``) has an explicit Iceberg
+schema here, with fixed field ids, required/optional flags and identifier (key) fields, plus
+the matching Arrow schema. :class:`Warehouse` opens the configured catalog (SQLite SQL catalog
+in the embedded default; Postgres, REST or Glue on a cluster) with Iceberg's data files under
+``<storage.root>/warehouse`` on the same object store the rest of the system uses, and offers
+the few operations stages need:
+
+* :meth:`Warehouse.append` — idempotent per run id: the run id is recorded in the snapshot
+  summary (``deepcontent.run-id``), and appending again with the same run id adds nothing;
+* :meth:`Warehouse.upsert` — key-based on :data:`TABLE_KEYS`: changed rows replace the old
+  ones, new keys are added, and re-upserting identical rows commits nothing at all.
+
+Each write is one Iceberg commit (a transaction), so readers see all of it or none of it, and a
+crashed writer leaves at most unreferenced files behind. Incoming Arrow data is conformed to the
+table's Arrow schema first; a column that does not fit raises :class:`WarehouseSchemaError`
+naming the table and the column.
+
+Secrets (S3 keys, the catalog password) are passed to pyiceberg as properties but never appear
+in ``repr``, log lines or the exceptions raised here.
+
+No stage logic lives here: which rows to write, and when, is the stages' business.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+# Importing storage first sets AWS_REQUEST_CHECKSUM_CALCULATION=WHEN_REQUIRED, which the AWS
+# C++ SDK inside pyarrow (used by pyiceberg's PyArrowFileIO) needs against non-AWS S3 servers.
+from deepcontent.storage import Storage, split_uri
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+from pyiceberg.exceptions import CommitFailedException, NoSuchTableError  # noqa: E402
+from pyiceberg.expressions import (  # noqa: E402
+    AlwaysTrue,
+    And,
+    BooleanExpression,
+    GreaterThanOrEqual,
+    In,
+    LessThanOrEqual,
+)
+from pyiceberg.io.pyarrow import schema_to_pyarrow  # noqa: E402
+from pyiceberg.schema import Schema  # noqa: E402
+from pyiceberg.types import (  # noqa: E402
+    BinaryType,
+    FloatType,
+    IntegerType,
+    ListType,
+    NestedField,
+    StringType,
+    TimestamptzType,
+)
+
+if TYPE_CHECKING:
+    from pyiceberg.catalog import Catalog
+    from pyiceberg.table import Table
+
+    from deepcontent.config import WarehouseConfig
+
+log = logging.getLogger(__name__)
+
+#: Snapshot-summary property that records which run produced a snapshot.
+RUN_ID_PROPERTY = "deepcontent.run-id"
+
+_COMMIT_ATTEMPTS = 4
+# Most distinct key values an upsert looks up with an exact In filter (see _probe_filter).
+_IN_LIMIT = 200
+
+
+class WarehouseError(RuntimeError):
+    """A warehouse operation failed; the message names the table (secrets redacted)."""
+
+
+class WarehouseSchemaError(WarehouseError, ValueError):
+    """Incoming data does not fit a table's schema; the message names the table and column."""
+
+
+# --------------------------------------------------------------------------- schemas
+def _req(field_id: int, name: str, field_type) -> NestedField:
+    return NestedField(field_id, name, field_type, required=True)
+
+
+def _opt(field_id: int, name: str, field_type) -> NestedField:
+    return NestedField(field_id, name, field_type, required=False)
+
+
+def _float_list(element_id: int) -> ListType:
+    # Factor and embedding vectors: float32 elements, never null inside a vector.
+    return ListType(element_id, FloatType(), element_required=True)
+
+
+# Field ids follow Iceberg's fresh-id order (top-level fields 1..n, then nested element ids),
+# so creating a table keeps them exactly as written here.
+TABLE_SCHEMAS: dict[str, Schema] = {
+    "tracks": Schema(
+        _req(1, "track_id", StringType()),
+        _req(2, "song_id", StringType()),
+        _opt(3, "artist", StringType()),
+        _opt(4, "title", StringType()),
+        _opt(5, "audio_uri", StringType()),
+        identifier_field_ids=[1],
+    ),
+    "plays": Schema(
+        _req(1, "user_id", StringType()),
+        _req(2, "song_id", StringType()),
+        _req(3, "play_count", IntegerType()),
+        identifier_field_ids=[1, 2],
+    ),
+    "tags": Schema(
+        _req(1, "track_id", StringType()),
+        _req(2, "tag", StringType()),
+        _req(3, "weight", IntegerType()),  # 0-100, as Last.fm publishes it
+        identifier_field_ids=[1, 2],
+    ),
+    "quarantine": Schema(
+        _req(1, "stage", StringType()),
+        _req(2, "source", StringType()),  # URI or record locator
+        _req(3, "reason", StringType()),  # enum value, as a string
+        _opt(4, "detail", StringType()),
+        _req(5, "run_id", StringType()),
+        identifier_field_ids=[1, 2, 3, 5],
+    ),
+    "spectrograms": Schema(
+        _req(1, "track_id", StringType()),
+        _req(2, "audio_sha256", StringType()),
+        _req(3, "sample_rate", IntegerType()),
+        _req(4, "hop_length", IntegerType()),
+        _req(5, "n_mels", IntegerType()),
+        _req(6, "n_frames", IntegerType()),
+        _req(7, "mel", BinaryType()),  # float16 bytes, row-major (n_mels, n_frames)
+        _opt(8, "harmonic", BinaryType()),  # same layout, HPSS harmonic part
+        _opt(9, "percussive", BinaryType()),  # same layout, HPSS percussive part
+        identifier_field_ids=[1],
+    ),
+    "user_index": Schema(
+        _req(1, "user_id", StringType()),
+        _req(2, "idx", IntegerType()),
+        identifier_field_ids=[1],
+    ),
+    "item_index": Schema(
+        _req(1, "song_id", StringType()),
+        _req(2, "idx", IntegerType()),
+        identifier_field_ids=[1],
+    ),
+    "tag_index": Schema(
+        _req(1, "tag", StringType()),
+        _req(2, "idx", IntegerType()),
+        identifier_field_ids=[1],
+    ),
+    "splits": Schema(
+        _req(1, "song_id", StringType()),
+        _req(2, "split", StringType()),  # train | valid | test
+        identifier_field_ids=[1],
+    ),
+    "item_factors": Schema(
+        _req(1, "song_id", StringType()),
+        _req(2, "factors", _float_list(4)),
+        _req(3, "run_id", StringType()),  # the factorization run that produced them
+        identifier_field_ids=[1],
+    ),
+    "user_factors": Schema(
+        _req(1, "user_id", StringType()),
+        _req(2, "factors", _float_list(4)),
+        _req(3, "run_id", StringType()),
+        identifier_field_ids=[1],
+    ),
+    "embeddings": Schema(
+        _req(1, "track_id", StringType()),
+        _req(2, "model_version", StringType()),
+        _req(3, "predicted_factors", _float_list(7)),
+        _req(4, "embedding", _float_list(8)),
+        _req(5, "audio_sha256", StringType()),
+        _req(6, "computed_at", TimestamptzType()),  # microseconds, UTC
+        identifier_field_ids=[1, 2],
+    ),
+    "similar_tracks": Schema(
+        _req(1, "track_id", StringType()),
+        _req(2, "neighbor_track_id", StringType()),
+        _req(3, "rank", IntegerType()),  # 1 = nearest
+        _req(4, "score", FloatType()),
+        _req(5, "model_version", StringType()),
+        identifier_field_ids=[1, 5, 3],
+    ),
+}
+
+#: Key columns per table: at most one row per key after an upsert.
+TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "tracks": ("track_id",),
+    "plays": ("user_id", "song_id"),
+    "tags": ("track_id", "tag"),
+    "quarantine": ("stage", "source", "reason", "run_id"),
+    "spectrograms": ("track_id",),
+    "user_index": ("user_id",),
+    "item_index": ("song_id",),
+    "tag_index": ("tag",),
+    "splits": ("song_id",),
+    "item_factors": ("song_id",),
+    "user_factors": ("user_id",),
+    "embeddings": ("track_id", "model_version"),
+    "similar_tracks": ("track_id", "model_version", "rank"),
+}
+
+TABLE_NAMES: tuple[str, ...] = tuple(TABLE_SCHEMAS)
+
+
+def _check_name(name: str) -> None:
+    if name not in TABLE_SCHEMAS:
+        raise WarehouseError(f"unknown warehouse table {name!r}; known tables: {', '.join(TABLE_NAMES)}")
+
+
+def arrow_schema(name: str) -> pa.Schema:
+    """The Arrow schema of a contract table, exactly as :meth:`Warehouse.read` returns it.
+
+    Derived from the Iceberg schema by pyiceberg (strings are ``large_string``, lists
+    ``large_list<element: ...>``, ``timestamptz`` is ``timestamp[us, tz=UTC]``, required fields
+    are non-nullable), so the two cannot drift apart."""
+    _check_name(name)
+    return schema_to_pyarrow(TABLE_SCHEMAS[name], include_field_ids=False)
+
+
+# --------------------------------------------------------------------------- conforming data
+def _kind(t: pa.DataType):
+    """A coarse type family used to decide which casts are allowed (no string<->number)."""
+    if pa.types.is_dictionary(t):
+        return _kind(t.value_type)
+    if pa.types.is_null(t):
+        return "null"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_fixed_size_binary(t)
+        or pa.types.is_binary_view(t)
+    ):
+        return "binary"
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    if pa.types.is_date(t):
+        return "date"
+    if (
+        pa.types.is_list(t)
+        or pa.types.is_large_list(t)
+        or pa.types.is_fixed_size_list(t)
+        or pa.types.is_list_view(t)
+        or pa.types.is_large_list_view(t)
+    ):
+        return ("list", _kind(t.value_type))
+    return str(t)
+
+
+def _kinds_fit(src, dst) -> bool:
+    if src == dst or src == "null":
+        return True
+    if src == "int" and dst == "float":
+        return True
+    if isinstance(src, tuple) and isinstance(dst, tuple):
+        return _kinds_fit(src[1], dst[1])
+    return False
+
+
+def conform(name: str, data: pa.Table) -> pa.Table:
+    """Return ``data`` cast to the Arrow schema of table ``name`` (column order included).
+
+    Allowed: widening/narrowing within a type family with values checked (int64 -> int32
+    fails on overflow), int -> float, string/binary/list layout changes (``string`` ->
+    ``large_string``, ``list<item>`` -> ``large_list<element>``), dictionary decoding, and a
+    missing *optional* column (filled with nulls). Refused with :class:`WarehouseSchemaError`
+    naming the table and column: an unknown or missing required column, a different type family
+    (string <-> number), values that do not fit, nulls in a required column or inside a vector.
+    """
+    _check_name(name)
+    if isinstance(data, pa.RecordBatch):
+        data = pa.Table.from_batches([data])
+    if not isinstance(data, pa.Table):
+        raise WarehouseSchemaError(f"table {name!r}: expected a pyarrow.Table, got {type(data).__name__}")
+    target = arrow_schema(name)
+    extra = [c for c in data.column_names if target.get_field_index(c) < 0]
+    if extra:
+        raise WarehouseSchemaError(
+            f"table {name!r}: unexpected column(s) {extra}; the contract columns are {target.names}"
+        )
+    if len(set(data.column_names)) != len(data.column_names):
+        raise WarehouseSchemaError(f"table {name!r}: duplicate column names in {data.column_names}")
+    arrays = []
+    for field in target:
+        if field.name not in data.column_names:
+            if not field.nullable:
+                raise WarehouseSchemaError(f"table {name!r}: required column {field.name!r} is missing")
+            arrays.append(pa.nulls(data.num_rows, type=field.type))
+            continue
+        col = data.column(field.name)
+        if not _kinds_fit(_kind(col.type), _kind(field.type)):
+            raise WarehouseSchemaError(
+                f"table {name!r}: column {field.name!r} has type {col.type}, which does not fit {field.type}"
+            )
+        try:
+            col = col.cast(field.type, safe=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise WarehouseSchemaError(
+                f"table {name!r}: column {field.name!r} of type {data.column(field.name).type} "
+                f"cannot be cast to {field.type}: {exc}"
+            ) from None
+        if not field.nullable and col.null_count:
+            raise WarehouseSchemaError(
+                f"table {name!r}: required column {field.name!r} has {col.null_count} null value(s)"
+            )
+        if _is_list(field.type) and not field.type.value_field.nullable:
+            inner_nulls = sum(pc.list_flatten(chunk).null_count for chunk in col.chunks)
+            if inner_nulls:
+                raise WarehouseSchemaError(
+                    f"table {name!r}: column {field.name!r} has {inner_nulls} null element(s) inside its lists"
+                )
+        arrays.append(col)
+    return pa.Table.from_arrays(arrays, schema=target)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+# --------------------------------------------------------------------------- row comparison
+def _flat_equal(x: pa.Array, y: pa.Array) -> np.ndarray:
+    """Element-wise equality of two flat arrays; null == null and NaN == NaN count as equal."""
+    eq = pc.fill_null(pc.equal(x, y), False)
+    same = pc.or_(eq, pc.and_(pc.is_null(x), pc.is_null(y)))
+    if pa.types.is_floating(x.type):
+        same = pc.or_(same, pc.fill_null(pc.and_(pc.is_nan(x), pc.is_nan(y)), False))
+    return same.to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _column_equal(x: pa.ChunkedArray | pa.Array, y: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Row-wise equality of two aligned columns of the same type (vectorised for flat columns
+    and lists of flat values)."""
+    if isinstance(x, pa.ChunkedArray):
+        x = x.combine_chunks()
+    if isinstance(y, pa.ChunkedArray):
+        y = y.combine_chunks()
+    n = len(x)
+    if n == 0:
+        return np.ones(0, dtype=bool)
+    t = x.type
+    if _is_list(t) and not pa.types.is_nested(t.value_type):
+        if pa.types.is_fixed_size_list(t):
+            x, y = x.cast(pa.large_list(t.value_field)), y.cast(pa.large_list(t.value_field))
+        lx, ly = pc.list_value_length(x), pc.list_value_length(y)
+        out = _flat_equal(lx, ly)  # equal lengths, or both lists null
+        check = out & ~np.asarray(pc.is_null(lx).to_numpy(zero_copy_only=False), dtype=bool)
+        rows = np.flatnonzero(check)
+        if len(rows):
+            idx = pa.array(rows)
+            xs, ys = x.take(idx), y.take(idx)
+            elem_eq = _flat_equal(pc.list_flatten(xs), pc.list_flatten(ys))
+            parents = np.asarray(pc.list_parent_indices(xs).to_numpy(zero_copy_only=False))
+            mismatches = np.bincount(parents[~elem_eq], minlength=len(rows))
+            out[rows] = mismatches == 0
+        return out
+    if pa.types.is_nested(t):
+        xs, ys = x.to_pylist(), y.to_pylist()
+        return np.fromiter((a == b for a, b in zip(xs, ys)), dtype=bool, count=n)
+    return _flat_equal(x, y)
+
+
+# --------------------------------------------------------------------------- the warehouse
+class Warehouse:
+    """The project's Iceberg tables in one catalog namespace.
+
+    Build it with :meth:`from_config`. Not picklable (it holds a catalog connection): tasks
+    write staging data through :class:`~deepcontent.storage.Storage`, the driver commits here.
+    """
+
+    def __init__(
+        self,
+        catalog: "Catalog",
+        *,
+        namespace: str,
+        location: str,
+        catalog_type: str = "sql",
+        secrets: Iterable[str] = (),
+    ) -> None:
+        self.catalog = catalog
+        self.namespace = namespace
+        self.location = location
+        self.catalog_type = catalog_type
+        # Exact strings to scrub from any message we raise; never printed themselves.
+        self._secrets = tuple(s for s in secrets if s)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: "WarehouseConfig", storage: Storage) -> "Warehouse":
+        """Open the catalog described by ``cfg`` with Iceberg files on ``storage``.
+
+        ``type: sql`` builds a pyiceberg ``SqlCatalog`` (SQLite path made if missing; for
+        Postgres the password is read from the env var named by ``catalog_password_env``);
+        ``rest`` and ``glue`` go through ``load_catalog``. Iceberg's FileIO gets the storage's
+        endpoint, region, credentials and path-style addressing, so it talks to the same server
+        as everything else. ``cfg.properties`` are passed last and win."""
+        location = (cfg.location or storage.uri("warehouse")).rstrip("/")
+        secrets: list[str] = []
+        props: dict[str, str] = {"warehouse": location, **_fileio_properties(storage, location, secrets)}
+
+        password = None
+        if cfg.catalog_password_env:
+            password = os.environ.get(cfg.catalog_password_env)
+            if not password:
+                raise WarehouseError(
+                    f"warehouse.catalog_password_env names {cfg.catalog_password_env!r}, but that "
+                    "environment variable is not set"
+                )
+            secrets.append(password)
+
+        if cfg.type == "sql":
+            props["uri"] = _sql_uri(cfg.uri, password, secrets)
+        elif cfg.type == "rest":
+            props["uri"] = cfg.uri
+            if password is not None and "token" not in cfg.properties:
+                props["token"] = password
+        elif cfg.type == "glue":
+            pass  # Glue is addressed through the AWS account; no catalog URI
+        for key, value in cfg.properties.items():
+            if any(word in key.lower() for word in ("secret", "password", "token", "credential")):
+                secrets.append(str(value))
+            props[key] = str(value)
+        try:
+            if cfg.type == "sql":
+                from pyiceberg.catalog.sql import SqlCatalog
+
+                catalog = SqlCatalog(cfg.catalog_name, **props)
+            else:
+                from pyiceberg.catalog import load_catalog
+
+                catalog = load_catalog(cfg.catalog_name, **{"type": cfg.type, **props})
+        except Exception as exc:
+            msg = _redact(f"cannot open the {cfg.type} Iceberg catalog {cfg.catalog_name!r}: {exc}", secrets)
+            raise WarehouseError(msg) from None
+        wh = cls(catalog, namespace=cfg.namespace, location=location, catalog_type=cfg.type, secrets=secrets)
+        log.info("opened warehouse %r", wh)
+        return wh
+
+    def __repr__(self) -> str:
+        return (
+            f"Warehouse(catalog={self.catalog.name!r}, type={self.catalog_type!r}, "
+            f"namespace={self.namespace!r}, location={self.location!r})"
+        )
+
+    def __getstate__(self):
+        raise TypeError("Warehouse is not picklable: commit from the driver, write data through Storage in tasks")
+
+    def close(self) -> None:
+        """Release the catalog's connections (SQL engine) if it has any."""
+        engine = getattr(self.catalog, "engine", None)
+        if engine is not None:
+            engine.dispose()
+
+    def __enter__(self) -> "Warehouse":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _redact(self, text: str) -> str:
+        return _redact(text, self._secrets)
+
+    def _fail(self, what: str, exc: BaseException) -> WarehouseError:
+        return WarehouseError(self._redact(f"{what}: {type(exc).__name__}: {exc}"))
+
+    # ------------------------------------------------------------------ tables
+    def identifier(self, name: str) -> tuple[str, str]:
+        _check_name(name)
+        return (self.namespace, name)
+
+    def ensure_tables(self, names: Sequence[str] | None = None) -> list[str]:
+        """Create the namespace and the named contract tables (all when ``None``) if missing.
+
+        Idempotent: existing tables are left as they are, after checking that their schema
+        is the contract's (a mismatch raises, naming the table). Returns the tables created."""
+        names = list(TABLE_NAMES if names is None else names)
+        for name in names:
+            _check_name(name)
+        created: list[str] = []
+        try:
+            self.catalog.create_namespace_if_not_exists(self.namespace)
+            for name in names:
+                ident = self.identifier(name)
+                if self.catalog.table_exists(ident):
+                    existing = self.catalog.load_table(ident).schema()
+                    if not _same_schema(existing, TABLE_SCHEMAS[name]):
+                        raise WarehouseSchemaError(
+                            f"table {name!r} exists in {self.namespace!r} with a schema that differs "
+                            f"from the contract:\n{existing}\nexpected:\n{TABLE_SCHEMAS[name]}"
+                        )
+                    continue
+                self.catalog.create_table_if_not_exists(ident, schema=TABLE_SCHEMAS[name])
+                created.append(name)
+        except WarehouseError:
+            raise
+        except Exception as exc:
+            raise self._fail(f"cannot create warehouse tables in {self.namespace!r}", exc) from None
+        if created:
+            log.info("created warehouse tables %s in %s", created, self.namespace)
+        return created
+
+    def table(self, name: str) -> "Table":
+        """The pyiceberg table (freshly loaded, so it sees the latest commit)."""
+        ident = self.identifier(name)
+        try:
+            return self.catalog.load_table(ident)
+        except NoSuchTableError:
+            raise WarehouseError(
+                f"warehouse table {'.'.join(ident)} does not exist; run ensure_tables() first"
+            ) from None
+        except Exception as exc:
+            raise self._fail(f"cannot load warehouse table {'.'.join(ident)}", exc) from None
+
+    def read(
+        self,
+        name: str,
+        row_filter: str | BooleanExpression | None = None,
+        *,
+        columns: Sequence[str] | None = None,
+    ) -> pa.Table:
+        """The table's current rows as Arrow (schema :func:`arrow_schema` when all columns).
+
+        ``row_filter`` is a pyiceberg expression or its string form (``"model_version = 'v1'"``)."""
+        tbl = self.table(name)
+        try:
+            scan = tbl.scan(
+                row_filter=AlwaysTrue() if row_filter is None else row_filter,
+                selected_fields=tuple(columns) if columns else ("*",),
+            )
+            return scan.to_arrow()
+        except Exception as exc:
+            raise self._fail(f"cannot read warehouse table {name!r}", exc) from None
+
+    def snapshot_count(self, name: str) -> int:
+        """Number of snapshots the table's metadata holds (its commit history, until expired)."""
+        return len(self.table(name).snapshots())
+
+    def run_ids(self, name: str) -> set[str]:
+        """Run ids recorded in the table's snapshot summaries."""
+        return _run_ids(self.table(name))
+
+    def has_run(self, name: str, run_id: str) -> bool:
+        """Whether a snapshot of ``name`` was committed by ``run_id``."""
+        return run_id in self.run_ids(name)
+
+    # ------------------------------------------------------------------ writes
+    def append(self, name: str, data: pa.Table, *, run_id: str) -> bool:
+        """Append ``data`` in one commit tagged with ``run_id``; idempotent per run id.
+
+        Returns True when a snapshot was committed, False when ``run_id`` had already committed
+        to this table (a retried or re-run stage) or ``data`` is empty. The check and the commit
+        are retried together if another writer commits in between."""
+        _check_run_id(run_id)
+        data = conform(name, data)
+        if data.num_rows == 0:
+            return False
+        for _ in range(_COMMIT_ATTEMPTS):
+            tbl = self.table(name)
+            if run_id in _run_ids(tbl):
+                log.info("table %s already has run %s; append skipped", name, run_id)
+                return False
+            try:
+                tbl.append(data, snapshot_properties={RUN_ID_PROPERTY: run_id})
+            except CommitFailedException:
+                continue  # someone else committed first: reload, re-check, retry
+            except Exception as exc:
+                raise self._fail(f"cannot append to warehouse table {name!r} (run {run_id})", exc) from None
+            log.info("appended %d rows to %s (run %s)", data.num_rows, name, run_id)
+            return True
+        raise WarehouseError(f"append to {name!r} (run {run_id}) kept conflicting with concurrent commits")
+
+    def upsert(self, name: str, data: pa.Table, *, run_id: str) -> bool:
+        """Insert or replace rows by the table's key (:data:`TABLE_KEYS`) in one commit.
+
+        Rows whose key is new are added; rows whose key exists with different values replace
+        the old row; rows identical to what is stored are skipped. Returns False (and commits
+        nothing) when nothing changes, so re-running a stage on the same data is a no-op. The
+        commit is tagged with ``run_id``. ``data`` must not repeat a key.
+
+        Implementation: existing rows are located with an ``In`` filter on the key column that
+        varies most in ``data``; the changed keys' rows are rewritten with a filtered overwrite
+        in the same transaction as the inserts (pyiceberg's own ``Table.upsert`` builds an
+        ``Or`` of one predicate per row for composite keys, which does not scale)."""
+        _check_run_id(run_id)
+        data = conform(name, data)
+        keys = list(TABLE_KEYS[name])
+        if data.num_rows == 0:
+            return False
+        _check_unique(name, data, keys)
+        for _ in range(_COMMIT_ATTEMPTS):
+            tbl = self.table(name)
+            try:
+                plan = _plan_upsert(tbl, data, keys)
+                if plan is None:
+                    log.info("upsert to %s (run %s): nothing changed", name, run_id)
+                    return False
+                rewrite, overwrite_filter, n_new, n_changed = plan
+                props = {RUN_ID_PROPERTY: run_id}
+                with tbl.transaction() as tx:
+                    if overwrite_filter is None:
+                        tx.append(rewrite, snapshot_properties=props)
+                    else:
+                        tx.overwrite(rewrite, overwrite_filter=overwrite_filter, snapshot_properties=props)
+            except CommitFailedException:
+                continue
+            except WarehouseError:
+                raise
+            except Exception as exc:
+                raise self._fail(f"cannot upsert into warehouse table {name!r} (run {run_id})", exc) from None
+            log.info("upserted into %s (run %s): %d new, %d changed rows", name, run_id, n_new, n_changed)
+            return True
+        raise WarehouseError(f"upsert into {name!r} (run {run_id}) kept conflicting with concurrent commits")
+
+
+# --------------------------------------------------------------------------- helpers
+def _plan_upsert(tbl: "Table", data: pa.Table, keys: list[str]):
+    """What an upsert of ``data`` must write: ``None`` when nothing changes, else
+    ``(rows_to_write, overwrite_filter_or_None, n_new, n_changed)``."""
+    # Probe on the key column with the most distinct values: the tightest single-column filter.
+    distinct = {k: pc.unique(data.column(k)) for k in keys}
+    probe = max(keys, key=lambda k: len(distinct[k]))
+    read_filter, _ = _probe_filter(probe, distinct[probe])
+    existing = tbl.scan(row_filter=read_filter).to_arrow()
+    # One chunk each: take() on many-chunked columns is slow in Arrow.
+    existing = existing.select(data.column_names).cast(data.schema).combine_chunks()
+    data = data.combine_chunks()
+
+    src = data.select(keys).append_column("__src", pa.array(np.arange(data.num_rows, dtype=np.int64)))
+    dst = existing.select(keys).append_column("__dst", pa.array(np.arange(existing.num_rows, dtype=np.int64)))
+    matched = src.join(dst, keys=keys, join_type="inner")
+    src_idx = np.asarray(matched.column("__src").to_numpy(), dtype=np.int64)
+    dst_idx = np.asarray(matched.column("__dst").to_numpy(), dtype=np.int64)
+
+    same = np.ones(len(src_idx), dtype=bool)
+    if len(src_idx):
+        a, b = data.take(pa.array(src_idx)), existing.take(pa.array(dst_idx))
+        for col in data.column_names:
+            if col not in keys:
+                same &= _column_equal(a.column(col), b.column(col))
+    is_new = np.ones(data.num_rows, dtype=bool)
+    is_new[src_idx] = False
+    # A stored key may appear more than once (written by plain appends): it counts as changed
+    # unless every stored copy equals the incoming row, and then all copies are replaced by one.
+    changed_src = np.unique(src_idx[~same])
+    changed_mask = np.zeros(data.num_rows, dtype=bool)
+    changed_mask[changed_src] = True
+    changed_mask[np.bincount(src_idx, minlength=data.num_rows) > 1] = True
+    new_rows = data.filter(pa.array(is_new))
+    if not changed_mask.any():
+        if new_rows.num_rows == 0:
+            return None
+        return new_rows, None, new_rows.num_rows, 0
+
+    changed_rows = data.filter(pa.array(changed_mask))
+    # Everything stored that the overwrite filter matches is deleted; put back the stored rows
+    # it matches that are not being replaced. (The filter matches a subset of what was read.)
+    overwrite_filter, matches = _probe_filter(probe, pc.unique(changed_rows.column(probe)))
+    replaced = np.zeros(existing.num_rows, dtype=bool)
+    replaced[dst_idx[changed_mask[src_idx]]] = True
+    keep = existing.filter(pa.array(matches(existing.column(probe)) & ~replaced))
+    rewrite = pa.concat_tables([changed_rows, new_rows])
+    return rewrite, overwrite_filter, new_rows.num_rows, int(changed_mask.sum())
+
+
+def _probe_filter(column: str, values: pa.Array):
+    """An Iceberg filter on ``column`` matching at least ``values``, and the same test in Arrow.
+
+    Up to :data:`_IN_LIMIT` values: an exact ``In`` (pyiceberg prunes data files by their
+    column bounds only up to 200 literals, and binding a large ``In`` costs ~25 us per value).
+    Beyond: the range ``min <= column <= max``, cheap to bind and still pruning files by bounds."""
+    if len(values) <= _IN_LIMIT:
+        def in_values(col: pa.ChunkedArray) -> np.ndarray:
+            return np.asarray(pc.is_in(col, value_set=values).to_numpy(zero_copy_only=False), dtype=bool)
+
+        return In(column, values.to_pylist()), in_values
+    bounds = pc.min_max(values)
+    lo, hi = bounds["min"], bounds["max"]
+
+    def in_range(col: pa.ChunkedArray) -> np.ndarray:
+        mask = pc.and_(pc.greater_equal(col, lo), pc.less_equal(col, hi))
+        return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
+
+    return And(GreaterThanOrEqual(column, lo.as_py()), LessThanOrEqual(column, hi.as_py())), in_range
+
+
+def _check_unique(name: str, data: pa.Table, keys: list[str]) -> None:
+    counts = data.select(keys).group_by(keys).aggregate([([], "count_all")])
+    dups = counts.filter(pc.greater(counts.column("count_all"), 1))
+    if dups.num_rows:
+        example = {k: dups.column(k)[0].as_py() for k in keys}
+        raise WarehouseSchemaError(
+            f"table {name!r}: {dups.num_rows} key(s) {tuple(keys)} appear more than once in the data "
+            f"to upsert, e.g. {example}"
+        )
+
+
+def _run_ids(tbl: "Table") -> set[str]:
+    out = set()
+    for snap in tbl.snapshots():
+        if snap.summary is not None and (rid := snap.summary[RUN_ID_PROPERTY]):
+            out.add(rid)
+    return out
+
+
+def _check_run_id(run_id: str) -> None:
+    if not isinstance(run_id, str) or not run_id.strip():
+        raise WarehouseError(f"run_id must be a non-empty string, got {run_id!r}")
+
+
+def _same_schema(a: Schema, b: Schema) -> bool:
+    return a.as_struct() == b.as_struct() and set(a.identifier_field_ids) == set(b.identifier_field_ids)
+
+
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _fileio_properties(storage: Storage, location: str, secrets: list[str]) -> dict[str, str]:
+    """pyiceberg FileIO properties so Iceberg reads and writes where ``storage`` does."""
+    props = {"py-io-impl": "pyiceberg.io.pyarrow.PyArrowFileIO"}
+    if split_uri(location)[0] != "s3" and split_uri(storage.root)[0] != "s3":
+        return props
+    # Always give the region: without it pyiceberg asks AWS which region the bucket is in.
+    props["s3.region"] = storage.region
+    if storage.endpoint_url:
+        props["s3.endpoint"] = storage.endpoint_url
+        props["s3.force-virtual-addressing"] = "false"  # path-style, as MinIO/rclone expect
+    creds = storage._credentials
+    if creds is not None:
+        props["s3.access-key-id"] = creds.access_key_id
+        props["s3.secret-access-key"] = creds.secret_access_key
+        secrets.append(creds.secret_access_key)
+    return props
+
+
+def _sql_uri(uri: str, password: str | None, secrets: list[str]) -> str:
+    """The SQLAlchemy URI for the SQL catalog: the password put in from the environment, and
+    the parent folder of a SQLite file created."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(uri)
+    except Exception:
+        raise WarehouseError("warehouse.uri is not a valid SQLAlchemy URL") from None
+    if url.password:
+        secrets.append(str(url.password))
+    if url.get_backend_name() == "sqlite":
+        db = url.database
+        if db and db != ":memory:" and not db.startswith("file:"):
+            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        return uri
+    if password is not None:
+        url = url.set(password=password)
+        return url.render_as_string(hide_password=False)
+    return uri
