@@ -266,14 +266,14 @@ def test_upsert_many_keys_uses_range_probe_correctly(warehouse):
         return pa.table({"track_id": [f"T{i:04d}" for i in ids], "song_id": [f"S{i:04d}" for i in ids],
                          "title": [title(i) for i in ids]})
 
-    assert warehouse.upsert("tracks", tracks(range(500), lambda i: "old"), run_id="t1")
-    changed = list(range(100, 400, 2))  # even ids in the middle of the stored range
-    update = pa.concat_tables([tracks(changed, lambda i: "new"), tracks(range(1000, 1100), lambda i: "added")])
+    assert warehouse.upsert("tracks", tracks(range(1000), lambda i: "old"), run_id="t1")
+    changed = list(range(100, 900, 3))  # 267 ids spread through the middle of the stored range
+    update = pa.concat_tables([tracks(changed, lambda i: "new"), tracks(range(2000, 2100), lambda i: "added")])
     assert warehouse.upsert("tracks", update, run_id="t2") is True
     got = by_key(warehouse.read("tracks"), "tracks")
-    assert len(got) == 600
-    expected = {f"T{i:04d}": ("new" if i in set(changed) else "old") for i in range(500)}
-    expected.update({f"T{i:04d}": "added" for i in range(1000, 1100)})
+    assert len(got) == 1100
+    expected = {f"T{i:04d}": ("new" if i in set(changed) else "old") for i in range(1000)}
+    expected.update({f"T{i:04d}": "added" for i in range(2000, 2100)})
     assert {k[0]: v["title"] for k, v in got.items()} == expected
     n = warehouse.snapshot_count("tracks")
     assert warehouse.upsert("tracks", update, run_id="t3") is False

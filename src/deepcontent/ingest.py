@@ -128,7 +128,10 @@ _TRACK_ROWS = pa.schema([("kind", pa.string()), ("a", pa.string()), ("b", pa.str
 
 def _write_parts(storage: Storage, run_id: str, part: str, outputs: dict[str, pa.Table], records: int,
                  reasons: dict[str, int]) -> pa.RecordBatch:
-    """Write one task's output tables (dataset -> rows) and summarise them for the driver."""
+    """Write one task's output tables (dataset -> rows) and summarise them for the driver.
+
+    ``part`` must be unique across every task of the run that writes to the same dataset
+    (plays and tags tasks both write quarantine parts)."""
     rows = {"dataset": [], "file": [], "rows": [], "records": [], "reasons": []}
     for dataset, table in outputs.items():
         uri = join(storage.staging_uri(storage.uri(dataset), run_id), f"part-{part}.parquet")
@@ -152,7 +155,7 @@ def _plays_task(storage: Storage, uri: str, run_id: str, known_songs_bc):
                 offset, data = storage.read_line_range(uri, start, end)
                 plays, q = parse_triplets(data, uri=uri, base_offset=offset, known_songs=known)
                 records = plays.num_rows + q.num_rows
-                yield _write_parts(storage, run_id, f"{task:05d}",
+                yield _write_parts(storage, run_id, f"plays-{task:05d}",
                                    {PLAYS: plays, QUARANTINE: _quarantine_table(q, run_id)}, records, _reason_counts(q))
 
     return run
@@ -188,7 +191,7 @@ def _tags_task(storage: Storage, run_id: str, known_tracks_bc):
                 tags = pa.concat_tables(tag_parts) if tag_parts else TAGS_SCHEMA.empty_table()
                 q = pa.concat_tables(q_parts) if q_parts else QUARANTINE_SCHEMA.empty_table()
                 records = tags.num_rows + q.num_rows
-                yield _write_parts(storage, run_id, f"{task:05d}",
+                yield _write_parts(storage, run_id, f"tags-{task:05d}",
                                    {TAGS: tags.cast(TAGS_SCHEMA), QUARANTINE: _quarantine_table(q, run_id)},
                                    records, _reason_counts(q))
 
@@ -377,7 +380,10 @@ def run_ingest(cfg: Config, storage: Storage, spark) -> IngestResult:
         storage.publish(outputs[QUARANTINE], run_id=run_id, files=files[QUARANTINE], meta={"stage": STAGE, "failed": True})
         manifest.outputs = {QUARANTINE: outputs[QUARANTINE]}
         uri = manifest.write(storage, status="failed")
-        worst = ", ".join(f"{k}: {q:,} of {n:,} records ({q / n:.1%})" for k, (q, n) in over.items())
+        worst = "; ".join(
+            f"{k}: {q:,} of {n:,} records ({q / n:.1%}: "
+            + ", ".join(f"{r} {c:,}" for r, c in sorted(q_by_source[k].items())) + ")"
+            for k, (q, n) in over.items())
         raise QuarantineThresholdExceeded(
             f"ingest quarantined more than {cfg.ingest.max_quarantine_fraction:.1%} of its input ({worst}); "
             f"nothing was published except the quarantine at {outputs[QUARANTINE]} (manifest {uri})")

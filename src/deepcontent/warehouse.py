@@ -591,10 +591,12 @@ class Warehouse:
         nothing) when nothing changes, so re-running a stage on the same data is a no-op. The
         commit is tagged with ``run_id``. ``data`` must not repeat a key.
 
-        Implementation: existing rows are located with an ``In`` filter on the key column that
-        varies most in ``data``; the changed keys' rows are rewritten with a filtered overwrite
-        in the same transaction as the inserts (pyiceberg's own ``Table.upsert`` builds an
-        ``Or`` of one predicate per row for composite keys, which does not scale)."""
+        Implementation: stored rows are located by the key column that varies most in ``data``
+        (an ``In`` filter, or a min/max range beyond 200 values) and compared column by column
+        in Arrow; the changed keys' rows are replaced by a filtered overwrite in the same
+        transaction as the inserts: one catalog commit, which may hold two snapshots (delete +
+        append). pyiceberg's own ``Table.upsert`` is not used: for composite keys it builds an
+        ``Or`` of one predicate per row and compares rows one by one in Python."""
         _check_run_id(run_id)
         data = conform(name, data)
         keys = list(TABLE_KEYS[name])
@@ -672,7 +674,7 @@ def _plan_upsert(tbl: "Table", data: pa.Table, keys: list[str]):
     replaced = np.zeros(existing.num_rows, dtype=bool)
     replaced[dst_idx[changed_mask[src_idx]]] = True
     keep = existing.filter(pa.array(matches(existing.column(probe)) & ~replaced))
-    rewrite = pa.concat_tables([changed_rows, new_rows])
+    rewrite = pa.concat_tables([keep, changed_rows, new_rows])
     return rewrite, overwrite_filter, new_rows.num_rows, int(changed_mask.sum())
 
 

@@ -98,7 +98,7 @@ def test_every_timbre_renders():
     # Same notes, same seed: only the lead's harmonic recipe differs, and it shows.
     for i in range(N_TIMBRES):
         for j in range(i + 1, N_TIMBRES):
-            assert np.mean(np.abs(spectra[i] - spectra[j])) > 1.0, (TIMBRE_NAMES[i], TIMBRE_NAMES[j])
+            assert np.mean(np.abs(spectra[i] - spectra[j])) > 2.0, (TIMBRE_NAMES[i], TIMBRE_NAMES[j])
 
 
 @pytest.mark.parametrize(
@@ -136,19 +136,28 @@ def test_encode_decode_round_trip(fmt, short_clip):
     assert sample_rate == SR
     assert decoded.dtype == np.float32
     assert decoded.shape[1] == 2
-    # Lossy codecs may pad or trim up to a frame; 50 ms is generous.
-    assert abs(decoded.shape[0] - short_clip.shape[0]) <= 0.05 * SR
+    # Lossy codecs pad: MP3 adds the encoder delay plus up to a frame (~1,152 samples) of
+    # padding, as every real MP3 does; 100 ms is generous.
+    assert abs(decoded.shape[0] - short_clip.shape[0]) <= 0.1 * SR
     n = min(decoded.shape[0], short_clip.shape[0])
     if fmt in ("wav", "flac"):
         assert decoded.shape == short_clip.shape
         np.testing.assert_allclose(decoded, short_clip, atol=1e-4)  # 16-bit quantisation only
     else:
-        # Perceptual codecs change the samples but must keep the waveform.
-        assert np.corrcoef(decoded[:n, 0], short_clip[:n, 0])[0, 1] > 0.9
+        # Perceptual codecs change the samples but must keep the waveform (after the codec's
+        # start-up delay, found as the best-aligning lag).
+        ref = short_clip[: n - 3000, 0]
+        best = max(np.corrcoef(decoded[lag : lag + len(ref), 0], ref)[0, 1] for lag in range(0, 3000, 1))
+        assert best > 0.9
 
 
 def test_encoded_bytes_carry_their_container_signature(short_clip):
-    magic = {"mp3": (b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"), "ogg": (b"OggS",), "flac": (b"fLaC",), "wav": (b"RIFF",)}
+    magic = {
+        "mp3": (b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"),  # ID3 tag or an MPEG frame sync
+        "ogg": (b"OggS",),
+        "flac": (b"fLaC",),
+        "wav": (b"RIFF",),
+    }
     for fmt, prefixes in magic.items():
         assert encode_audio(short_clip, sample_rate=SR, fmt=fmt).startswith(prefixes), fmt
     assert FORMAT_EXTENSIONS == {"mp3": ".mp3", "ogg": ".ogg", "flac": ".flac", "wav": ".wav"}

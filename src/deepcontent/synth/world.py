@@ -196,11 +196,11 @@ class _NicheIndex:
         counts = np.bincount(sorted_niche, minlength=self.n_niches)
         self.nonempty = counts > 0
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        cum = np.cumsum(pop)
-        base = np.repeat(cum[starts] - pop[starts], counts)
-        total = np.repeat(np.add.reduceat(pop, starts[self.nonempty]), counts[self.nonempty]) if songs.n else pop
-        # key in [niche, niche + 1): position inside its niche's popularity mass
-        self.keys = sorted_niche + (cum - base) / total
+        cum0 = np.concatenate([[0.0], np.cumsum(pop)])  # cum0[k] = mass of the first k songs
+        before = cum0[starts]  # mass before each niche's first song
+        total = cum0[starts + counts] - before
+        # key in [niche, niche + 1]: cumulative share of its niche's popularity mass
+        self.keys = sorted_niche + (cum0[1:] - before[sorted_niche]) / total[sorted_niche]
         self.starts, self.counts = starts, counts
 
     def draw(self, niche: np.ndarray, u: np.ndarray) -> np.ndarray:
