@@ -27,38 +27,38 @@ def _cmd_generate(cfg, args) -> dict:
         return generate(cfg, storage)
 
 
-def _cmd_ingest(cfg, args) -> dict:
-    from deepcontent.engines.context import open_storage
+def _ingest(cfg, storage) -> dict:
     from deepcontent.engines.spark import spark_session
     from deepcontent.ingest import run_ingest
+    from deepcontent.warehouse import Warehouse
+
+    spark = spark_session(cfg.spark)
+    try:
+        with Warehouse.from_config(cfg.warehouse, storage) as warehouse:
+            r = run_ingest(cfg, storage, spark, warehouse=warehouse)
+    finally:
+        spark.stop()
+    return {"run_id": r.run_id, "published": r.published, "counts": r.counts,
+            "quarantined": r.quarantined, "outputs": r.outputs, "manifest": r.manifest_uri}
+
+
+def _cmd_ingest(cfg, args) -> dict:
+    from deepcontent.engines.context import open_storage
 
     with open_storage(cfg) as storage:
-        spark = spark_session(cfg.spark)
-        try:
-            result = run_ingest(cfg, storage, spark)
-        finally:
-            spark.stop()
-    return {"run_id": result.run_id, "published": result.published, "counts": result.counts,
-            "quarantined": result.quarantined, "outputs": result.outputs, "manifest": result.manifest_uri}
+        return _ingest(cfg, storage)
 
 
 def _cmd_pipeline(cfg, args) -> dict:
     from deepcontent.engines.context import open_storage
-    from deepcontent.engines.spark import spark_session
-    from deepcontent.ingest import run_ingest
     from deepcontent.synth.generate import generate
 
     out: dict = {}
     with open_storage(cfg) as storage:
         if not args.skip_generate:
             out["generate"] = generate(cfg, storage)
-        spark = spark_session(cfg.spark)
-        try:
-            r = run_ingest(cfg, storage, spark)
-        finally:
-            spark.stop()
-        out["ingest"] = {"run_id": r.run_id, "published": r.published, "counts": r.counts,
-                         "quarantined": r.quarantined, "outputs": r.outputs, "manifest": r.manifest_uri}
+        out["ingest"] = _ingest(cfg, storage)
+        out["warehouse"] = cfg.warehouse.uri
         out["storage"] = {"root": storage.root, "served_from": cfg.storage.embedded_s3_dir if cfg.storage.embedded_s3 else None}
     return out
 
@@ -76,6 +76,7 @@ def _print_pipeline(result: dict) -> None:
     print("  outputs  :")
     for name, uri in i["outputs"].items():
         print(f"    {name:<20} {uri}")
+    print(f"    {'warehouse':<20} Iceberg tables tracks, quarantine in catalog {result['warehouse']}")
     if i.get("manifest"):
         print(f"    {'run manifest':<20} {i['manifest']}")
     s = result["storage"]

@@ -125,7 +125,8 @@ class SynthConfig(_Section):
     audio_format: Literal["mp3", "ogg", "flac", "wav"] = "mp3"
     clip_seconds: float = 30.0
     sample_rate: int = 44100
-    lastfm_format: Literal["json", "db", "both"] = "json"
+    # "none" with audio=false is the plays-only mode (Taste Profile scale: triplets + tracks).
+    lastfm_format: Literal["json", "db", "both", "none"] = "json"
     mismatch_fraction: float = 0.01
     gtzan_per_genre: int = 10
     mtat_clips: int = 100

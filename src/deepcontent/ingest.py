@@ -249,8 +249,12 @@ def _audio_index(listing, track_ids: set[str]) -> tuple[dict[str, str], list[str
     return audio, orphans
 
 
-def run_ingest(cfg: Config, storage: Storage, spark) -> IngestResult:
-    """Run the ingest stage; see the module docstring. Raises
+def run_ingest(cfg: Config, storage: Storage, spark, *, warehouse=None) -> IngestResult:
+    """Run the ingest stage; see the module docstring.
+
+    With a :class:`~deepcontent.warehouse.Warehouse`, the published ``tracks`` are also upserted
+    into the Iceberg ``tracks`` table and the run's quarantine appended to ``quarantine`` (one
+    commit each, idempotent per run). Raises
     :class:`QuarantineThresholdExceeded` (after publishing the quarantine) when an input's bad
     fraction exceeds ``ingest.max_quarantine_fraction``."""
     src, raw = cfg.sources, (lambda key: storage.raw_uri(cfg.storage.raw_prefix, key))
@@ -390,7 +394,14 @@ def run_ingest(cfg: Config, storage: Storage, spark) -> IngestResult:
     with manifest.timed("publish"):
         for name, uri in outputs.items():
             storage.publish(uri, run_id=run_id, files=files[name], meta={**meta, "rows": manifest.counts.get(name.split("/")[-1])})
-    manifest.outputs = outputs
+    manifest.outputs = dict(outputs)
+    if warehouse is not None:
+        with manifest.timed("warehouse"):
+            warehouse.ensure_tables(["tracks", "quarantine"])
+            warehouse.upsert("tracks", tracks, run_id=run_id)
+            q_all = storage.read_parquet(files[QUARANTINE])
+            warehouse.append("quarantine", q_all, run_id=run_id)
+        manifest.outputs["warehouse"] = f"{cfg.warehouse.namespace}.tracks, {cfg.warehouse.namespace}.quarantine"
     manifest_uri = manifest.write(storage, status="succeeded")
     log.info("ingest: published tracks=%d plays=%d tags=%d quarantined=%s; manifest %s", manifest.counts["tracks"],
              manifest.counts["plays"], manifest.counts["tags"], dict(total_q) or "none", manifest_uri)

@@ -186,7 +186,8 @@ class Storage:
     # ----------------------------------------------------------------- clients
     def _s3fs(self) -> pafs.FileSystem:
         if self._pafs is None:
-            kwargs: dict[str, Any] = {"region": self.region, "allow_bucket_creation": True}
+            kwargs: dict[str, Any] = {"region": self.region, "allow_bucket_creation": True,
+                                      "connect_timeout": 10.0, "request_timeout": 120.0}
             if self._credentials is not None:
                 kwargs.update(access_key=self._credentials.access_key_id, secret_key=self._credentials.secret_access_key)
             if self.endpoint_url:

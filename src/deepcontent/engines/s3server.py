@@ -85,6 +85,9 @@ class EmbeddedS3Server:
             # Writes go through the server, which updates its own cache; a short expiry keeps
             # listings honest if someone drops files into the folder by hand.
             "--dir-cache-time", "2s",
+            # No content hash for ETags: rclone would otherwise MD5 the whole file on every
+            # HEAD/GET, which for a multi-GB triplets file outlasts the clients' timeouts.
+            "--etag-hash", "",
             "--log-level", "ERROR",
         ]
         self._log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL

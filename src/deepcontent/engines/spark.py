@@ -25,9 +25,13 @@ def spark_session(cfg: SparkConfig):
     # A local session binds loopback rather than guessing an interface (and warning about it).
     if cfg.master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    builder = SparkSession.builder
+    # Under spark-submit the JVM is already up (PYSPARK_GATEWAY_PORT is set) and --master /
+    # --conf on the submit line decide; only set the master when we start Spark ourselves.
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        builder = builder.master(cfg.master)
     builder = (
-        SparkSession.builder.master(cfg.master)
-        .appName(cfg.app_name)
+        builder.appName(cfg.app_name)
         .config("spark.driver.memory", cfg.driver_memory)
         .config("spark.executor.memory", cfg.executor_memory)
         .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))

@@ -263,7 +263,7 @@ def generate(cfg: Config, storage: Storage) -> dict:
     t0 = time.perf_counter()
     log.info("generate: %d songs, %d users, audio=%s (%s), seed %d -> %s", s.songs, s.users, s.audio,
              s.audio_format, s.seed, raw(""))
-    need_attrs = s.audio or s.lastfm_format is not None
+    need_attrs = s.audio or s.lastfm_format != "none"
     with manifest.timed("world"):
         songs = make_songs(s.songs, seed=s.seed, with_attributes=need_attrs, songs_per_artist=s.songs_per_artist)
         users = make_users(s.users, n_comm=n_communities(s.songs), mean_songs=s.mean_plays_per_user, seed=s.seed)
