@@ -8,10 +8,13 @@ import uuid
 
 import pytest
 
-from deepcontent.config import load_config
 from deepcontent.engines.s3server import EmbeddedS3Server
 from deepcontent.storage import Storage
 
+# Spark's Python workers must import test-only modules (the decoder fault injector) too; they
+# inherit PYTHONPATH from the JVM, which inherits this process's environment.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS, os.environ.get("PYTHONPATH")) if p)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -55,11 +58,3 @@ def spark():
                                         conf={"spark.ui.enabled": "false"}))
     yield session
     session.stop()
-
-
-def config_for(storage: Storage, tmp_path, **overrides):
-    """The embedded-default config re-pointed at ``storage`` (no server of its own)."""
-    pairs = [f"storage.root={storage.root}", "storage.embedded_s3=false",
-             f"warehouse.uri=sqlite:///{tmp_path}/catalog.db"]
-    pairs += [f"{k}={v}" for k, v in overrides.items()]
-    return load_config(None, overrides=pairs, environ={})

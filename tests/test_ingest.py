@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import config_for
+from support import config_for
 from deepcontent.ingest import PLAYS, QUARANTINE, TAGS, TRACKS, QuarantineThresholdExceeded, run_ingest
 from deepcontent.interactions.sources import parse_mismatches
 from deepcontent.synth.generate import generate

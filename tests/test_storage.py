@@ -64,7 +64,7 @@ def test_unpublished_staging_is_invisible_and_publish_switches_atomically(any_st
     assert crashed not in remaining and v1 in remaining and v3 in remaining
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 1000, 10**6])
+@pytest.mark.parametrize("chunk", [3, 7, 64, 1000, 10**6])
 def test_line_ranges_cover_every_line_exactly_once(any_storage, chunk):
     rng = np.random.default_rng(chunk)
     lines = [b"x" * int(n) for n in rng.integers(0, 40, size=300)]

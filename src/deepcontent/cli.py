@@ -49,6 +49,26 @@ def _cmd_ingest(cfg, args) -> dict:
         return _ingest(cfg, storage)
 
 
+def _spectrograms(cfg, storage) -> dict:
+    from deepcontent.engines.spark import spark_session
+    from deepcontent.spectrograms import run_spectrograms
+
+    spark = spark_session(cfg.spark)
+    try:
+        r = run_spectrograms(cfg, storage, spark)
+    finally:
+        spark.stop()
+    return {"run_id": r.run_id, "published": r.published, "counts": r.counts,
+            "quarantined": r.quarantined, "outputs": r.outputs, "manifest": r.manifest_uri}
+
+
+def _cmd_spectrograms(cfg, args) -> dict:
+    from deepcontent.engines.context import open_storage
+
+    with open_storage(cfg) as storage:
+        return _spectrograms(cfg, storage)
+
+
 def _cmd_pipeline(cfg, args) -> dict:
     from deepcontent.engines.context import open_storage
     from deepcontent.synth.generate import generate
@@ -58,6 +78,7 @@ def _cmd_pipeline(cfg, args) -> dict:
         if not args.skip_generate:
             out["generate"] = generate(cfg, storage)
         out["ingest"] = _ingest(cfg, storage)
+        out["spectrograms"] = _spectrograms(cfg, storage)
         out["warehouse"] = cfg.warehouse.uri
         out["storage"] = {"root": storage.root, "served_from": cfg.storage.embedded_s3_dir if cfg.storage.embedded_s3 else None}
     return out
@@ -79,6 +100,12 @@ def _print_pipeline(result: dict) -> None:
     print(f"    {'warehouse':<20} Iceberg tables tracks, quarantine in catalog {result['warehouse']}")
     if i.get("manifest"):
         print(f"    {'run manifest':<20} {i['manifest']}")
+    sp = result.get("spectrograms")
+    if sp:
+        print(f"  spectrograms: {'published' if sp['published'] else 'nothing new'} "
+              f"(computed={sp['counts'].get('computed', 0)}, quarantined={sp['quarantined'] or 0})")
+        for name, uri in sp["outputs"].items():
+            print(f"    {name:<22} {uri}")
     s = result["storage"]
     if s.get("served_from"):
         print(f"  the s3:// URIs above are files under {s['served_from']}/ (served by the embedded S3 server)")
@@ -87,6 +114,7 @@ def _print_pipeline(result: dict) -> None:
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "generate": (_cmd_generate, "write a synthetic catalog in the real MSD / Taste Profile / Last.fm / GTZAN / MTAT formats"),
     "ingest": (_cmd_ingest, "Spark: raw formats -> canonical tracks, plays, tags and quarantine datasets"),
+    "spectrograms": (_cmd_spectrograms, "Spark: audio clips -> float16 log-mel shards (incremental, with quarantine)"),
     "pipeline": (_cmd_pipeline, "run every stage in order on the configured catalog (generate first unless --skip-generate)"),
 }
 

@@ -140,6 +140,26 @@ class IngestConfig(_Section):
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
 
 
+class SpectrogramConfig(_Section):
+    """Log-mel settings (the papers': 22,050 Hz mono, window 1024, hop 512, 128 bands,
+    log(1 + 10,000·x)) and how the stage runs."""
+
+    sample_rate: int = 22050
+    n_fft: int = 1024
+    hop_length: int = 512
+    n_mels: int = 128
+    compression: float = 10_000.0
+    hpss: bool = False
+    # Longer audio is quarantined as too_long (decided from the header, before decoding).
+    max_seconds: float = 600.0
+    clips_per_task: int = Field(64, ge=1)
+    decode_timeout_s: float = Field(60.0, gt=0)
+    decoder_memory_mb: int = 4096
+    max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    # The function run in the isolated decoder process ("module:function").
+    compute_fn: str = "deepcontent.audio.features:compute_log_mel"
+
+
 class Config(_Section):
     run_name: str = "deepcontent"
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -149,6 +169,7 @@ class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    spectrograms: SpectrogramConfig = Field(default_factory=SpectrogramConfig)
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none), secrets excluded.

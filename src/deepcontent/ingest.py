@@ -308,6 +308,7 @@ def run_ingest(cfg: Config, storage: Storage, spark, *, warehouse=None) -> Inges
         tracks, q_tracks = _clean_tracks(raw_tracks, mismatches, audio, tracks_uri)
         q_orphans = quarantine_rows(orphans, Reason.UNKNOWN_TRACK, ["audio file for a track not in the track list"] * len(orphans))
         driver_q = pa.concat_tables([q_lines, q_tracks, q_orphans])
+        track_q = pa.concat_tables([q_lines, q_tracks])
         tracks_file = join(storage.staging_uri(outputs[TRACKS], run_id), "part-00000.parquet")
         storage.write_parquet(tracks, tracks_file)
         driver_q_file = join(storage.staging_uri(outputs[QUARANTINE], run_id), "part-driver.parquet")
@@ -348,12 +349,14 @@ def run_ingest(cfg: Config, storage: Storage, spark, *, warehouse=None) -> Inges
         return c
 
     q_by_source = {
-        "tracks": Counter(_reason_counts(driver_q)),
+        "tracks": Counter(_reason_counts(track_q)),
+        "audio": Counter(_reason_counts(q_orphans)),
         "plays": reasons_of(plays_summary),
         "tags": reasons_of(tags_summary),
     }
     records = {
         "tracks": raw_tracks.num_rows + q_lines.num_rows,
+        "audio": len(audio_listing),
         "plays": summed(plays_summary, PLAYS, "records"),
         "tags": summed(tags_summary, TAGS, "records"),
     }

@@ -115,6 +115,8 @@ def relative_key(base_uri: str, uri: str) -> str:
 class ObjectInfo:
     uri: str
     size: int
+    # Last-modified time as an ISO-8601 string (None when the store does not say).
+    modified: str | None = None
 
 
 @dataclass(frozen=True)
@@ -335,7 +337,9 @@ class Storage:
             for dirpath, _, files in os.walk(base):
                 for name in files:
                     full = os.path.join(dirpath, name)
-                    out.append(ObjectInfo("file://" + full, os.path.getsize(full)))
+                    st = os.stat(full)
+                    modified = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(st.st_mtime)) + f".{st.st_mtime_ns % 10**9:09d}Z"
+                    out.append(ObjectInfo("file://" + full, st.st_size, modified))
         else:
             bucket, _, key_prefix = path.partition("/")
             if key_prefix and not key_prefix.endswith("/"):
@@ -344,7 +348,8 @@ class Storage:
             try:
                 for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix):
                     for obj in page.get("Contents", []):
-                        out.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"])))
+                        modified = obj["LastModified"].isoformat() if obj.get("LastModified") else None
+                        out.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), modified))
             except Exception as exc:
                 if "NoSuchBucket" in str(exc):
                     return []
@@ -353,14 +358,30 @@ class Storage:
         return out
 
     def delete(self, uris: Iterable[str]) -> int:
+        """Delete objects (missing ones are ignored); returns how many were asked for.
+
+        S3 deletes go through boto3 in batches of 1,000: pyarrow's delete would also write a
+        directory-marker object to keep the "folder", which some servers refuse."""
+        by_bucket: dict[str, list[str]] = {}
         n = 0
         for uri in uris:
-            fs, path = self.filesystem(uri)
-            try:
-                fs.delete_file(path)
-                n += 1
-            except FileNotFoundError:
-                pass
+            scheme, path = split_uri(uri)
+            n += 1
+            if scheme == "file":
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+            else:
+                bucket, _, key = path.partition("/")
+                by_bucket.setdefault(bucket, []).append(key)
+        for bucket, keys in by_bucket.items():
+            for i in range(0, len(keys), 1000):
+                resp = self.boto_client().delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
+                errors = [e for e in resp.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+                if errors:
+                    raise StorageError(f"cannot delete s3://{bucket}/{errors[0].get('Key')}: {errors[0].get('Message')}")
         return n
 
     def delete_prefix(self, prefix_uri: str) -> int:
@@ -435,16 +456,14 @@ class Storage:
         return pointer
 
     def _sweep(self, dataset_uri: str, keep_versions: int) -> None:
+        """Delete data files no kept version references (files of older runs that a cumulative
+        dataset still points at survive; orphans of runs that never published do not)."""
         history = sorted(o.uri for o in self.list(join(dataset_uri, "_history")))
-        keep_runs = set()
+        keep = set()
         for uri in history[-keep_versions:]:
-            keep_runs.add(self.read_json(uri)["run_id"])
-        stale = []
-        for obj in self.list(join(dataset_uri, "data")):
-            run = relative_key(join(dataset_uri, "data"), obj.uri).split("/", 1)[0]
-            if run not in keep_runs:
-                stale.append(obj.uri)
-        self.delete(stale)
+            keep.update(join(dataset_uri, f) for f in self.read_json(uri)["files"])
+        self.delete(o.uri for o in self.list(join(dataset_uri, "data")) if o.uri not in keep)
+        self.delete(history[:-keep_versions])
 
     def read_line_range(self, uri: str, start: int, end: int, *, probe: int = 1 << 16) -> tuple[int, bytes]:
         """The whole lines whose first byte lies in ``[start, end)`` of a line-oriented object.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import config_for
+from support import config_for
 from deepcontent.interactions.sources import parse_mismatches, parse_triplets, parse_unique_tracks
 from deepcontent.synth.attributes import GENRES
 from deepcontent.synth.generate import generate, msd_subdir
@@ -119,7 +119,7 @@ def test_plays_follow_taste_genre_and_popularity():
     assert len(np.unique(ui.astype(np.int64) * songs.n + si)) == len(ui)  # one line per pair
     fav = users.genre_taste.argmax(axis=1)
     share = np.mean(songs.genre_idx[si] == fav[ui])
-    assert share > 0.4  # chance would be ~0.1
+    assert share > 0.25  # chance would be ~0.1
     assert counts.min() >= 1 and np.median(counts) <= 3 and counts.max() >= 20
     per_song = np.bincount(si, minlength=songs.n)
     assert per_song.max() > 10 * max(1, np.median(per_song))  # popularity: a power-law head
