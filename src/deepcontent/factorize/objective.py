@@ -22,7 +22,7 @@ import scipy.sparse as sp
 
 from deepcontent.interactions.weighting import confidence_matrix
 
-__all__ = ["wmf_objective", "wmf_objective_from_confidence"]
+__all__ = ["observed_scores", "wmf_objective", "wmf_objective_from_confidence"]
 
 _CHUNK_VALUES = 1 << 22  # gathered factor values per chunk of nonzeros (~32 MB in float64)
 

@@ -70,10 +70,10 @@ def check_counts(counts: np.ndarray, *, what: str = "counts") -> None:
                 k = int(np.count_nonzero(mask))
                 if k:
                     kinds.append(f"{k} {name}")
-        example = flat[np.flatnonzero(bad_flat)[0]]
+        first = int(np.flatnonzero(bad_flat)[0])
         raise ValueError(
             f"{n_bad} of {values.size} {what} are not finite and > 0 ({', '.join(kinds)}); "
-            f"e.g. {example!r} at flat index {int(np.flatnonzero(bad_flat)[0])}"
+            f"e.g. {flat[first].item()!r} at flat index {first}"
         )
 
 
@@ -122,6 +122,10 @@ def confidence(counts: np.ndarray, *, alpha: float, eps: float) -> np.ndarray:
 
 
 def canonical_csr(user_items, *, name: str = "user_items") -> sp.csr_matrix:
+    """``user_items`` as a ``csr_matrix`` with sorted indices and no duplicates (summed).
+
+    Copies only when a conversion or a clean-up is needed; raises ``TypeError`` for a dense input.
+    """
     if not sp.issparse(user_items):
         raise TypeError(f"{name} must be a scipy.sparse matrix (CSR), got {type(user_items).__name__}")
     m = sp.csr_matrix(user_items)  # copies only when not CSR already
