@@ -69,6 +69,48 @@ def _cmd_spectrograms(cfg, args) -> dict:
         return _spectrograms(cfg, storage)
 
 
+def _matrices(cfg, storage) -> dict:
+    from deepcontent.engines.spark import spark_session
+    from deepcontent.matrices import run_matrices
+
+    spark = spark_session(cfg.spark)
+    try:
+        r = run_matrices(cfg, storage, spark)
+    finally:
+        spark.stop()
+    return {"run_id": r.run_id, "published": r.published, "counts": r.counts,
+            "quarantined": r.quarantined, "outputs": r.outputs, "manifest": r.manifest_uri}
+
+
+def _factorize(cfg, storage) -> dict:
+    from deepcontent.factorize.stage import run_factorize
+    from deepcontent.warehouse import Warehouse
+
+    spark = None
+    if cfg.factorize.backend == "spark":
+        from deepcontent.engines.spark import spark_session
+
+        spark = spark_session(cfg.spark)
+    try:
+        with Warehouse.from_config(cfg.warehouse, storage) as warehouse:
+            r = run_factorize(cfg, storage, spark, warehouse=warehouse)
+    finally:
+        if spark is not None:
+            spark.stop()
+    return {"run_id": r.run_id, "published": r.published, "counts": r.counts, "outputs": r.outputs,
+            "manifest": r.manifest_uri}
+
+
+def _with_storage(fn):
+    def cmd(cfg, args) -> dict:
+        from deepcontent.engines.context import open_storage
+
+        with open_storage(cfg) as storage:
+            return fn(cfg, storage)
+
+    return cmd
+
+
 def _cmd_pipeline(cfg, args) -> dict:
     from deepcontent.engines.context import open_storage
     from deepcontent.synth.generate import generate
@@ -79,6 +121,8 @@ def _cmd_pipeline(cfg, args) -> dict:
             out["generate"] = generate(cfg, storage)
         out["ingest"] = _ingest(cfg, storage)
         out["spectrograms"] = _spectrograms(cfg, storage)
+        out["matrices"] = _matrices(cfg, storage)
+        out["factorize"] = _factorize(cfg, storage)
         out["warehouse"] = cfg.warehouse.uri
         out["storage"] = {"root": storage.root, "served_from": cfg.storage.embedded_s3_dir if cfg.storage.embedded_s3 else None}
     return out
@@ -106,6 +150,12 @@ def _print_pipeline(result: dict) -> None:
               f"(computed={sp['counts'].get('computed', 0)}, quarantined={sp['quarantined'] or 0})")
         for name, uri in sp["outputs"].items():
             print(f"    {name:<22} {uri}")
+    for stage in ("matrices", "factorize"):
+        st = result.get(stage)
+        if st:
+            print(f"  {stage:<9}: {'published' if st['published'] else 'nothing new'} {st['counts'] or ''}")
+            for name, uri in st["outputs"].items():
+                print(f"    {name:<22} {uri}")
     s = result["storage"]
     if s.get("served_from"):
         print(f"  the s3:// URIs above are files under {s['served_from']}/ (served by the embedded S3 server)")
@@ -115,6 +165,8 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "generate": (_cmd_generate, "write a synthetic catalog in the real MSD / Taste Profile / Last.fm / GTZAN / MTAT formats"),
     "ingest": (_cmd_ingest, "Spark: raw formats -> canonical tracks, plays, tags and quarantine datasets"),
     "spectrograms": (_cmd_spectrograms, "Spark: audio clips -> float16 log-mel shards (incremental, with quarantine)"),
+    "matrices": (_with_storage(_matrices), "Spark: plays and tags -> stable id maps, song splits, sparse matrices (COO + CSR)"),
+    "factorize": (_with_storage(_factorize), "WMF / implicit ALS on the train split (implicit, or Spark MLlib by config) -> latent factors"),
     "pipeline": (_cmd_pipeline, "run every stage in order on the configured catalog (generate first unless --skip-generate)"),
 }
 

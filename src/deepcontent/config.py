@@ -160,6 +160,33 @@ class SpectrogramConfig(_Section):
     compute_fn: str = "deepcontent.audio.features:compute_log_mel"
 
 
+class MatricesConfig(_Section):
+    split_seed: int = 0
+    # train / valid / test shares of songs (or artists with split_level=artist)
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_level: Literal["song", "artist"] = "song"
+    # tags must occur on at least this many distinct songs (the papers: more than once)
+    min_tag_count: int = Field(2, ge=1)
+    # counts above this are "absurd" (a bot or a logging bug) and quarantined
+    max_play_count: int = Field(100_000, ge=1)
+    max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class FactorizeConfig(_Section):
+    """WMF (implicit ALS): c = 1 + alpha·log(1 + r/eps), objective of Hu, Koren & Volinsky."""
+
+    backend: Literal["implicit", "spark", "reference"] = "implicit"
+    matrix: Literal["plays", "tags"] = "plays"
+    factors: int = Field(50, ge=1)
+    iterations: int = Field(15, ge=1)
+    regularization: float = Field(0.1, ge=0.0)
+    alpha: float = Field(2.0, gt=0.0)
+    eps: float = Field(1.0, gt=0.0)
+    seed: int = 0
+    # 0 = all cores (implicit)
+    num_threads: int = 0
+
+
 class Config(_Section):
     run_name: str = "deepcontent"
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -170,6 +197,8 @@ class Config(_Section):
     synth: SynthConfig = Field(default_factory=SynthConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     spectrograms: SpectrogramConfig = Field(default_factory=SpectrogramConfig)
+    matrices: MatricesConfig = Field(default_factory=MatricesConfig)
+    factorize: FactorizeConfig = Field(default_factory=FactorizeConfig)
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none), secrets excluded.
