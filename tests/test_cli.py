@@ -48,6 +48,9 @@ def test_pipeline_on_the_embedded_default_end_to_end(tmp_path):
     assert ingest["published"] and ingest["counts"]["tracks"] == 30 - result["generate"]["mismatches"]
     assert ingest["counts"]["plays"] > 0
     assert "generate: catalog clips" in out.stderr  # progress on long work
+    assert result["spectrograms"]["counts"]["computed"] == ingest["counts"]["tracks"]
+    assert result["matrices"]["counts"]["users"] > 0
+    assert result["factorize"]["published"] and result["factorize"]["counts"]["train_items"] > 0
     data = tmp_path / ".deepcontent" / "s3" / "deepcontent"
     assert (data / "canonical" / "plays" / "_published.json").exists()
     manifest = json.loads((data / ingest["manifest"].split("s3://deepcontent/", 1)[1]).read_text())
