@@ -277,7 +277,7 @@ def generate(cfg: Config, storage: Storage) -> dict:
         n_triplets = write_triplets(storage, raw(cfg.sources.triplets), songs, users, seed=s.seed)
     log.info("generate: wrote %d triplets, %d tracks, %d mismatches", n_triplets, songs.n, n_mis)
     n_tagged = 0
-    if songs.attributes is not None:
+    if s.lastfm_format != "none":
         with manifest.timed("lastfm"):
             tags = _lastfm_tags(songs, s.seed)
             n_tagged = len(tags)
