@@ -19,113 +19,100 @@ from deepcontent.config import ConfigError, load_config
 from deepcontent.manifest import log, setup_logging
 
 
-def _cmd_generate(cfg, args) -> dict:
-    from deepcontent.engines.context import open_storage
-    from deepcontent.synth.generate import generate
+class _Runtime:
+    """Engines a command needs, started on first use and shared by the stages it runs
+    (one Spark session for a whole pipeline, not one per stage)."""
 
-    with open_storage(cfg) as storage:
-        return generate(cfg, storage)
+    def __init__(self, cfg, storage) -> None:
+        self.cfg, self.storage = cfg, storage
+        self._spark = self._warehouse = None
+
+    @property
+    def spark(self):
+        if self._spark is None:
+            from deepcontent.engines.spark import spark_session
+
+            self._spark = spark_session(self.cfg.spark)
+        return self._spark
+
+    @property
+    def warehouse(self):
+        if self._warehouse is None:
+            from deepcontent.warehouse import Warehouse
+
+            self._warehouse = Warehouse.from_config(self.cfg.warehouse, self.storage)
+        return self._warehouse
+
+    def close(self) -> None:
+        if self._spark is not None:
+            self._spark.stop()
+        if self._warehouse is not None:
+            self._warehouse.close()
 
 
-def _ingest(cfg, storage) -> dict:
-    from deepcontent.engines.spark import spark_session
+def _ingest(cfg, storage, rt):
     from deepcontent.ingest import run_ingest
-    from deepcontent.warehouse import Warehouse
 
-    spark = spark_session(cfg.spark)
-    try:
-        with Warehouse.from_config(cfg.warehouse, storage) as warehouse:
-            r = run_ingest(cfg, storage, spark, warehouse=warehouse)
-    finally:
-        spark.stop()
-    return {"run_id": r.run_id, "published": r.published, "counts": r.counts,
-            "quarantined": r.quarantined, "outputs": r.outputs, "manifest": r.manifest_uri}
+    return run_ingest(cfg, storage, rt.spark, warehouse=rt.warehouse)
 
 
-def _cmd_ingest(cfg, args) -> dict:
-    from deepcontent.engines.context import open_storage
-
-    with open_storage(cfg) as storage:
-        return _ingest(cfg, storage)
-
-
-def _spectrograms(cfg, storage) -> dict:
-    from deepcontent.engines.spark import spark_session
+def _spectrograms(cfg, storage, rt):
     from deepcontent.spectrograms import run_spectrograms
 
-    spark = spark_session(cfg.spark)
-    try:
-        r = run_spectrograms(cfg, storage, spark)
-    finally:
-        spark.stop()
-    return {"run_id": r.run_id, "published": r.published, "counts": r.counts,
-            "quarantined": r.quarantined, "outputs": r.outputs, "manifest": r.manifest_uri}
+    return run_spectrograms(cfg, storage, rt.spark)
 
 
-def _cmd_spectrograms(cfg, args) -> dict:
-    from deepcontent.engines.context import open_storage
-
-    with open_storage(cfg) as storage:
-        return _spectrograms(cfg, storage)
-
-
-def _matrices(cfg, storage) -> dict:
-    from deepcontent.engines.spark import spark_session
+def _matrices(cfg, storage, rt):
     from deepcontent.matrices import run_matrices
 
-    spark = spark_session(cfg.spark)
-    try:
-        r = run_matrices(cfg, storage, spark)
-    finally:
-        spark.stop()
-    return {"run_id": r.run_id, "published": r.published, "counts": r.counts,
-            "quarantined": r.quarantined, "outputs": r.outputs, "manifest": r.manifest_uri}
+    return run_matrices(cfg, storage, rt.spark)
 
 
-def _factorize(cfg, storage) -> dict:
+def _factorize(cfg, storage, rt):
     from deepcontent.factorize.stage import run_factorize
-    from deepcontent.warehouse import Warehouse
 
-    spark = None
-    if cfg.factorize.backend == "spark":
-        from deepcontent.engines.spark import spark_session
-
-        spark = spark_session(cfg.spark)
-    try:
-        with Warehouse.from_config(cfg.warehouse, storage) as warehouse:
-            r = run_factorize(cfg, storage, spark, warehouse=warehouse)
-    finally:
-        if spark is not None:
-            spark.stop()
-    return {"run_id": r.run_id, "published": r.published, "counts": r.counts, "outputs": r.outputs,
-            "manifest": r.manifest_uri}
+    spark = rt.spark if cfg.factorize.backend == "spark" else None
+    return run_factorize(cfg, storage, spark, warehouse=rt.warehouse)
 
 
-def _with_storage(fn):
+# The stages in pipeline order.
+STAGES: dict[str, Callable] = {"ingest": _ingest, "spectrograms": _spectrograms, "matrices": _matrices,
+                               "factorize": _factorize}
+
+
+def _run(cfg, stages: list[str], *, generate_first: bool) -> dict:
+    from deepcontent.engines.context import open_storage
+
+    out: dict = {}
+    with open_storage(cfg) as storage:
+        if generate_first:
+            from deepcontent.synth.generate import generate
+
+            out["generate"] = generate(cfg, storage)
+        rt = _Runtime(cfg, storage)
+        try:
+            for name in stages:
+                out[name] = STAGES[name](cfg, storage, rt).to_dict()
+        finally:
+            rt.close()
+        out["warehouse"] = cfg.warehouse.uri
+        out["storage"] = {"root": storage.root, "served_from": cfg.storage.embedded_s3_dir if cfg.storage.embedded_s3 else None}
+    return out
+
+
+def _cmd_generate(cfg, args) -> dict:
+    return _run(cfg, [], generate_first=True)["generate"]
+
+
+def _stage_command(name: str) -> Callable:
     def cmd(cfg, args) -> dict:
-        from deepcontent.engines.context import open_storage
-
-        with open_storage(cfg) as storage:
-            return fn(cfg, storage)
+        return _run(cfg, [name], generate_first=False)[name]
 
     return cmd
 
 
 def _cmd_pipeline(cfg, args) -> dict:
-    from deepcontent.engines.context import open_storage
-    from deepcontent.synth.generate import generate
-
-    out: dict = {}
-    with open_storage(cfg) as storage:
-        if not args.skip_generate:
-            out["generate"] = generate(cfg, storage)
-        out["ingest"] = _ingest(cfg, storage)
-        out["spectrograms"] = _spectrograms(cfg, storage)
-        out["matrices"] = _matrices(cfg, storage)
-        out["factorize"] = _factorize(cfg, storage)
-        out["warehouse"] = cfg.warehouse.uri
-        out["storage"] = {"root": storage.root, "served_from": cfg.storage.embedded_s3_dir if cfg.storage.embedded_s3 else None}
-    return out
+    return _run(cfg, list(STAGES), generate_first=not args.skip_generate)
 
 
 def _print_pipeline(result: dict) -> None:
@@ -163,10 +150,10 @@ def _print_pipeline(result: dict) -> None:
 
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "generate": (_cmd_generate, "write a synthetic catalog in the real MSD / Taste Profile / Last.fm / GTZAN / MTAT formats"),
-    "ingest": (_cmd_ingest, "Spark: raw formats -> canonical tracks, plays, tags and quarantine datasets"),
-    "spectrograms": (_cmd_spectrograms, "Spark: audio clips -> float16 log-mel shards (incremental, with quarantine)"),
-    "matrices": (_with_storage(_matrices), "Spark: plays and tags -> stable id maps, song splits, sparse matrices (COO + CSR)"),
-    "factorize": (_with_storage(_factorize), "WMF / implicit ALS on the train split (implicit, or Spark MLlib by config) -> latent factors"),
+    "ingest": (_stage_command("ingest"), "Spark: raw formats -> canonical tracks, plays, tags and quarantine datasets"),
+    "spectrograms": (_stage_command("spectrograms"), "Spark: audio clips -> float16 log-mel shards (incremental, with quarantine)"),
+    "matrices": (_stage_command("matrices"), "Spark: plays and tags -> stable id maps, song splits, sparse matrices (COO + CSR)"),
+    "factorize": (_stage_command("factorize"), "WMF / implicit ALS on the train split (implicit, or Spark MLlib by config) -> latent factors"),
     "pipeline": (_cmd_pipeline, "run every stage in order on the configured catalog (generate first unless --skip-generate)"),
 }
 

@@ -27,7 +27,6 @@ import json
 import os
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +43,7 @@ from deepcontent.interactions.sources import (
     quarantine_rows,
     read_lastfm_db,
 )
-from deepcontent.manifest import RunManifest, log
+from deepcontent.manifest import RunManifest, StageResult, log
 from deepcontent.storage import Storage, join, new_run_id, posix_basename
 
 STAGE = "ingest"
@@ -66,16 +65,6 @@ _SUMMARY_DDL = "dataset string, file string, rows long, records long, reasons st
 
 class QuarantineThresholdExceeded(RuntimeError):
     """Too large a fraction of some input was quarantined; the message says how much and where."""
-
-
-@dataclass
-class IngestResult:
-    run_id: str
-    published: bool
-    counts: dict[str, int] = field(default_factory=dict)
-    quarantined: dict[str, int] = field(default_factory=dict)
-    outputs: dict[str, str] = field(default_factory=dict)
-    manifest_uri: str | None = None
 
 
 def _quarantine_table(q: pa.Table, run_id: str) -> pa.Table:
@@ -249,7 +238,7 @@ def _audio_index(listing, track_ids: set[str]) -> tuple[dict[str, str], list[str
     return audio, orphans
 
 
-def run_ingest(cfg: Config, storage: Storage, spark, *, warehouse=None) -> IngestResult:
+def run_ingest(cfg: Config, storage: Storage, spark, *, warehouse=None) -> StageResult:
     """Run the ingest stage; see the module docstring.
 
     With a :class:`~deepcontent.warehouse.Warehouse`, the published ``tracks`` are also upserted
@@ -285,7 +274,7 @@ def run_ingest(cfg: Config, storage: Storage, spark, *, warehouse=None) -> Inges
     current = [storage.published(u) for u in outputs.values()]
     if all(p is not None and p.get("input_fingerprint") == fingerprint for p in current):
         log.info("ingest: inputs unchanged since run %s; nothing to do", current[0]["run_id"])
-        return IngestResult(run_id=current[0]["run_id"], published=False, outputs=outputs)
+        return StageResult(run_id=current[0]["run_id"], published=False, outputs=outputs)
 
     log.info("ingest: run %s — %d Last.fm files, %d audio files, triplets %.1f MB", run_id, len(lastfm_files),
              len(audio_listing), dict(singles)[triplets_uri] / 1e6)
@@ -408,4 +397,4 @@ def run_ingest(cfg: Config, storage: Storage, spark, *, warehouse=None) -> Inges
     manifest_uri = manifest.write(storage, status="succeeded")
     log.info("ingest: published tracks=%d plays=%d tags=%d quarantined=%s; manifest %s", manifest.counts["tracks"],
              manifest.counts["plays"], manifest.counts["tags"], dict(total_q) or "none", manifest_uri)
-    return IngestResult(run_id, True, manifest.counts, dict(total_q), outputs, manifest_uri)
+    return StageResult(run_id, True, manifest.counts, dict(total_q), outputs, manifest_uri)

@@ -90,6 +90,23 @@ class RunManifest:
         return uri
 
 
+@dataclass
+class StageResult:
+    """What a stage run returns: its run id, whether it published, counts, quarantine counts
+    per reason, output URIs and the manifest it wrote (None when there was nothing to do)."""
+
+    run_id: str
+    published: bool
+    counts: dict[str, int] = field(default_factory=dict)
+    quarantined: dict[str, int] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    manifest_uri: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "published": self.published, "counts": self.counts,
+                "quarantined": self.quarantined, "outputs": self.outputs, "manifest": self.manifest_uri}
+
+
 class Progress:
     """Rate-limited progress lines for long loops: ``stage: what 120/300 (40%), 12.3/s, eta 15s``."""
 

@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +40,7 @@ import scipy.sparse as sp
 
 from deepcontent.config import Config
 from deepcontent.ingest import PLAYS, TAGS, TRACKS
-from deepcontent.manifest import RunManifest, log
+from deepcontent.manifest import RunManifest, StageResult, log
 from deepcontent.storage import Storage, join, new_run_id
 
 STAGE = "matrices"
@@ -51,6 +50,10 @@ SPLITS, PLAYS_COO, EXPORTS = f"{BASE}/splits", f"{BASE}/plays_coo", f"{BASE}/csr
 QUARANTINE = "quarantine/matrices"
 SPLIT_NAMES = ("train", "valid", "test")
 
+def _index_schema(id_column: str) -> pa.Schema:
+    return pa.schema([(id_column, pa.string()), ("idx", pa.int32())])
+
+
 COO_SCHEMA = pa.schema([("user_idx", pa.int32()), ("item_idx", pa.int32()), ("play_count", pa.int32()), ("split", pa.string())])
 QUARANTINE_SCHEMA = pa.schema([("stage", pa.string()), ("source", pa.string()), ("reason", pa.string()),
                                ("detail", pa.string()), ("run_id", pa.string())])
@@ -59,16 +62,6 @@ _SUMMARY_DDL = "file string, rows long, records long, quarantined string, q_file
 
 class MatricesQuarantineExceeded(RuntimeError):
     pass
-
-
-@dataclass
-class MatricesResult:
-    run_id: str
-    published: bool
-    counts: dict[str, int] = field(default_factory=dict)
-    quarantined: dict[str, int] = field(default_factory=dict)
-    outputs: dict[str, str] = field(default_factory=dict)
-    manifest_uri: str | None = None
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -200,12 +193,7 @@ def _coo_task(storage: Storage, run_id: str, bc, max_count: int):
 
 
 # ----------------------------------------------------------------------------- driver
-def _read_or_empty(storage: Storage, name: str, schema: pa.Schema) -> pa.Table:
-    uri = storage.uri(name)
-    return storage.read_dataset(uri, schema=schema) if storage.published(uri) else schema.empty_table()
-
-
-def run_matrices(cfg: Config, storage: Storage, spark) -> MatricesResult:
+def run_matrices(cfg: Config, storage: Storage, spark) -> StageResult:
     """Run the stage; see the module docstring."""
     m = cfg.matrices
     run_id = new_run_id(STAGE)
@@ -218,18 +206,18 @@ def run_matrices(cfg: Config, storage: Storage, spark) -> MatricesResult:
     current = storage.published(outputs[EXPORTS])
     if current is not None and current.get("input_fingerprint") == fingerprint:
         log.info("matrices: inputs unchanged since run %s; nothing to do", current["run_id"])
-        return MatricesResult(current["run_id"], False, outputs=outputs)
+        return StageResult(current["run_id"], False, outputs=outputs)
     manifest.inputs = {**inputs, "fingerprint": fingerprint}
     log.info("matrices: run %s", run_id)
 
     with manifest.timed("index"):
         tracks = storage.read_dataset(storage.uri(TRACKS), columns=["track_id", "song_id", "artist"])
-        item_index = extend_index(_read_or_empty(storage, ITEM_INDEX, pa.schema([("song_id", pa.string()), ("idx", pa.int32())])),
+        item_index = extend_index(storage.read_published(storage.uri(ITEM_INDEX), schema=_index_schema("song_id")),
                                   tracks["song_id"].combine_chunks(), id_column="song_id")
         play_files = storage.published_files(storage.uri(PLAYS))
         df = spark.createDataFrame([(f,) for f in play_files], "file string").repartition(max(1, len(play_files)))
         uniq_users = df.mapInArrow(_unique_users_task(storage), "user_id string").toArrow()["user_id"]
-        user_index = extend_index(_read_or_empty(storage, USER_INDEX, pa.schema([("user_id", pa.string()), ("idx", pa.int32())])),
+        user_index = extend_index(storage.read_published(storage.uri(USER_INDEX), schema=_index_schema("user_id")),
                                   pc.unique(uniq_users.combine_chunks()), id_column="user_id")
     with manifest.timed("splits"):
         song_ids = item_index["song_id"].to_pylist()
@@ -281,7 +269,7 @@ def run_matrices(cfg: Config, storage: Storage, spark) -> MatricesResult:
             export_files.append(f)
         del coo, rows, cols, vals, split_col
     with manifest.timed("tags"):
-        tag_index_old = _read_or_empty(storage, TAG_INDEX, pa.schema([("tag", pa.string()), ("idx", pa.int32())]))
+        tag_index_old = storage.read_published(storage.uri(TAG_INDEX), schema=_index_schema("tag"))
         tag_index, tag_files, tag_counts = _tag_matrices(storage, tracks, item_index, item_split, tag_index_old, m.min_tag_count,
                                                          export_dir)
         export_files += tag_files
@@ -310,7 +298,7 @@ def run_matrices(cfg: Config, storage: Storage, spark) -> MatricesResult:
     uri = manifest.write(storage, status="succeeded")
     log.info("matrices: %d users × %d items (nnz train/valid/test %s), %d tags; quarantined %s; manifest %s",
              shape[0], shape[1], "/".join(str(nnz[k]) for k in SPLIT_NAMES), tag_index.num_rows, dict(reasons) or "none", uri)
-    return MatricesResult(run_id, True, manifest.counts, dict(reasons), outputs, uri)
+    return StageResult(run_id, True, manifest.counts, dict(reasons), outputs, uri)
 
 
 def _tag_matrices(storage: Storage, tracks: pa.Table, item_index: pa.Table, item_split: np.ndarray,

@@ -36,7 +36,6 @@ import io
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +43,7 @@ import pyarrow.compute as pc
 
 from deepcontent.config import Config, SpectrogramConfig
 from deepcontent.ingest import TRACKS
-from deepcontent.manifest import Progress, RunManifest, log
+from deepcontent.manifest import RunManifest, StageResult, log
 from deepcontent.storage import Storage, join, new_run_id
 
 STAGE = "spectrograms"
@@ -77,16 +76,6 @@ def mel_settings(cfg: SpectrogramConfig):
 
     return MelSettings(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels,
                        compression=cfg.compression, hpss=cfg.hpss, max_seconds=cfg.max_seconds)
-
-
-@dataclass
-class SpectrogramResult:
-    run_id: str
-    published: bool
-    counts: dict[str, int] = field(default_factory=dict)
-    quarantined: dict[str, int] = field(default_factory=dict)
-    outputs: dict[str, str] = field(default_factory=dict)
-    manifest_uri: str | None = None
 
 
 def spectrogram_row(track_id: str, result: dict, settings_key: str) -> dict:
@@ -194,14 +183,7 @@ def _audio_versions(storage: Storage, uris: list[str], prefix: str) -> dict[str,
     return out
 
 
-def _read_or_empty(storage: Storage, name: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
-    uri = storage.uri(name)
-    if storage.published(uri) is None:
-        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-    return storage.read_dataset(uri, columns=columns, schema=schema)
-
-
-def run_spectrograms(cfg: Config, storage: Storage, spark) -> SpectrogramResult:
+def run_spectrograms(cfg: Config, storage: Storage, spark) -> StageResult:
     """Run the stage; see the module docstring."""
     sc_cfg = cfg.spectrograms
     settings_key = mel_settings(sc_cfg).key()
@@ -214,7 +196,7 @@ def run_spectrograms(cfg: Config, storage: Storage, spark) -> SpectrogramResult:
         tracks = tracks.filter(pc.is_valid(tracks["audio_uri"]))
         uris = tracks["audio_uri"].to_pylist()
         versions = _audio_versions(storage, uris, storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.audio))
-        index = _read_or_empty(storage, AUDIO_INDEX, INDEX_SCHEMA)
+        index = storage.read_published(storage.uri(AUDIO_INDEX), schema=INDEX_SCHEMA)
         seen = {(r["track_id"], r["audio_uri"], r["audio_size"], r["audio_modified"], r["settings_key"])
                 for r in index.select(["track_id", "audio_uri", "audio_size", "audio_modified", "settings_key"]).to_pylist()}
         todo = []
@@ -226,7 +208,7 @@ def run_spectrograms(cfg: Config, storage: Storage, spark) -> SpectrogramResult:
                        "settings_key": settings_key}
     if not todo:
         log.info("spectrograms: all %d tracks with audio are up to date; nothing to do", len(uris))
-        return SpectrogramResult(run_id, False, {"tracks_with_audio": len(uris), "processed": 0}, {}, outputs)
+        return StageResult(run_id, False, {"tracks_with_audio": len(uris), "processed": 0}, {}, outputs)
 
     log.info("spectrograms: run %s — %d of %d tracks need spectrograms (%d clips per task)", run_id, len(todo),
              len(uris), sc_cfg.clips_per_task)
@@ -298,7 +280,7 @@ def run_spectrograms(cfg: Config, storage: Storage, spark) -> SpectrogramResult:
     manifest_uri = manifest.write(storage, status="succeeded")
     log.info("spectrograms: computed %d, unchanged %d, quarantined %s; manifest %s", status.get("ok", 0),
              status.get("unchanged", 0), failed or "none", manifest_uri)
-    return SpectrogramResult(run_id, True, manifest.counts, failed, outputs, manifest_uri)
+    return StageResult(run_id, True, manifest.counts, failed, outputs, manifest_uri)
 
 
 def _published_shards(storage: Storage, dataset_uri: str) -> list[str]:

@@ -437,6 +437,14 @@ class Storage:
             return schema.empty_table() if columns is None else schema.empty_table().select(columns)
         return self.read_parquet(files, columns=columns)
 
+    def read_published(self, dataset_uri: str, *, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+        """The published version of a dataset, or an empty ``schema`` table if it never was
+        (a stage's first run)."""
+        if self.published(dataset_uri) is None:
+            empty = schema.empty_table()
+            return empty if columns is None else empty.select(columns)
+        return self.read_dataset(dataset_uri, columns=columns, schema=schema)
+
     def publish(self, dataset_uri: str, *, run_id: str, files: list[str], meta: dict | None = None, keep_versions: int = 2) -> dict:
         """Make ``files`` (URIs under the dataset) the dataset's current version in one write.
 

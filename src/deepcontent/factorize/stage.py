@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +31,7 @@ import scipy.sparse as sp
 from deepcontent.config import Config
 from deepcontent.factorize.factory import make_factorizer
 from deepcontent.factorize.foldin import fold_in
-from deepcontent.manifest import RunManifest, log
+from deepcontent.manifest import RunManifest, StageResult, log
 from deepcontent.matrices import EXPORTS, ITEM_INDEX, SPLITS, TAG_INDEX, USER_INDEX, load_csr
 from deepcontent.storage import Storage, join, new_run_id
 
@@ -42,15 +41,6 @@ STAGE = "factorize"
 def factors_dataset(matrix: str, kind: str) -> str:
     """``factors/<matrix>/<kind>``: kind is ``item_factors``, ``user_factors`` or ``tag_factors``."""
     return f"factors/{matrix}/{kind}"
-
-
-@dataclass
-class FactorizeResult:
-    run_id: str
-    published: bool
-    counts: dict[str, int] = field(default_factory=dict)
-    outputs: dict[str, str] = field(default_factory=dict)
-    manifest_uri: str | None = None
 
 
 def factors_table(ids: list[str], factors: np.ndarray, *, id_column: str, run_id: str, split: list[str] | None = None) -> pa.Table:
@@ -80,7 +70,7 @@ def _ids_by_index(storage: Storage, name: str, id_column: str) -> np.ndarray:
     return out
 
 
-def run_factorize(cfg: Config, storage: Storage, spark=None, *, warehouse=None) -> FactorizeResult:
+def run_factorize(cfg: Config, storage: Storage, spark=None, *, warehouse=None) -> StageResult:
     """Run the stage for ``cfg.factorize.matrix``; see the module docstring."""
     fc = cfg.factorize
     exports = storage.published(storage.uri(EXPORTS))
@@ -92,7 +82,7 @@ def run_factorize(cfg: Config, storage: Storage, spark=None, *, warehouse=None) 
     current = [storage.published(u) for u in outputs.values()]
     if all(p is not None and p.get("input_fingerprint") == fingerprint for p in current):
         log.info("factorize: %s factors are up to date (run %s); nothing to do", fc.matrix, current[0]["run_id"])
-        return FactorizeResult(current[0]["run_id"], False, outputs=outputs)
+        return StageResult(current[0]["run_id"], False, outputs=outputs)
 
     run_id = new_run_id(STAGE)
     manifest = RunManifest(STAGE, run_id, cfg.public_dict(), cfg.fingerprint("factorize"))
@@ -168,4 +158,4 @@ def run_factorize(cfg: Config, storage: Storage, spark=None, *, warehouse=None) 
     uri = manifest.write(storage, status="succeeded")
     log.info("factorize: %s factors for %d train + %d valid songs and %d %ss; manifest %s", fc.matrix, len(pick_train),
              len(pick_valid), len(pick_other), other_col, uri)
-    return FactorizeResult(run_id, True, manifest.counts, outputs, uri)
+    return StageResult(run_id, True, counts=manifest.counts, outputs=outputs, manifest_uri=uri)
