@@ -174,6 +174,8 @@ def random_gain(x: Array, *, max_db: float, generator: RandomSource = None) -> A
     u = _uniform(n, generator)
     if isinstance(x, torch.Tensor):
         u = torch.as_tensor(u, device=x.device)
+    elif isinstance(u, torch.Tensor):  # numpy input, torch generator
+        u = u.cpu().numpy()
     db = (2.0 * u - 1.0) * float(max_db)
     db = db.reshape(n, 1, 1) if x.ndim == 3 else db.reshape(())
     return apply_gain(x, gain_db=db)

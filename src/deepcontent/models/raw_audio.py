@@ -14,8 +14,7 @@ default ``n_samples = 130 · 512 = 66,560`` (≈3 s) gives the paper's 130 frame
 The front end's nonlinearity is a choice the thesis measured (Table 5.2, MagnaTagATune AUC with
 a 1024-sample front end): ReLU 0.837, ``log(1 + C·x²)`` 0.751, ``log(1 + C·x)`` 0.749. So the
 log compressions that make spectrograms work *hurt* when the filters are learned. All three are
-offered (``nonlinearity=``); the default is the compression that mirrors the spectrogram
-pipeline, ``log(1 + C·relu(x))``, and ``"relu"`` is the one to try first when accuracy matters.
+offered (``nonlinearity=``); the default follows the measurement: ``"relu"``.
 """
 
 from __future__ import annotations
@@ -52,7 +51,8 @@ class StridedFrontEnd(nn.Module):
     stride : int or None
         Hop in samples; ``None`` means ``filter_length`` (non-overlapping, as in the thesis).
     nonlinearity : str
-        One of :data:`NONLINEARITIES`. Default ``"log1p"``.
+        One of :data:`NONLINEARITIES`. Default ``"relu"``: the thesis (Table 5.2) found it
+        beats a log compression after a learned front end (AUC 0.837 vs 0.749).
     compression : float > 0
         ``C`` of the log nonlinearities. Default 10,000, the spectrogram's.
     """
@@ -63,7 +63,7 @@ class StridedFrontEnd(nn.Module):
         n_filters: int = 128,
         filter_length: int = 512,
         stride: int | None = None,
-        nonlinearity: str = "log1p",
+        nonlinearity: str = "relu",
         compression: float = 10_000.0,
     ) -> None:
         super().__init__()
@@ -144,7 +144,7 @@ class RawAudioCNN(EmbeddingRegressor):
         n_filters: int = 128,
         filter_length: int = 512,
         stride: int | None = None,
-        nonlinearity: str = "log1p",
+        nonlinearity: str = "relu",
         compression: float = 10_000.0,
         backend_params: dict[str, Any] | None = None,
     ) -> None:
