@@ -146,3 +146,13 @@ def test_tag_factors(catalog, spark):
     tags = storage.read_dataset(storage.uri(factors_dataset("tags", "tag_factors")))
     songs = storage.read_dataset(storage.uri(factors_dataset("tags", "item_factors")))
     assert tags.num_rows > 5 and songs.num_rows > 20
+
+
+def test_a_catalog_without_tags_still_builds_matrices(s3_storage, tmp_path, spark):
+    cfg = config_for(s3_storage, tmp_path, **{"synth.songs": 40, "synth.users": 200, "synth.audio": "false",
+                                               "synth.lastfm_format": "none"})
+    generate(cfg, s3_storage)
+    run_ingest(cfg, s3_storage, spark)
+    run_matrices(cfg, s3_storage, spark)
+    m = exports(s3_storage)
+    assert m["item_tags_train.npz"].shape[1] == 0 and m["user_items_train.npz"].nnz > 0

@@ -147,6 +147,18 @@ def test_incremental_reruns_and_added_tracks(s3_storage, tmp_path, spark):
     table = read_spectrograms(storage, columns=["track_id"])
     assert table.num_rows == 30 and len(set(table["track_id"].to_pylist())) == 30
 
+    # Same bytes rewritten (new modification time): hashed, not decoded again, nothing recomputed.
+    import time as _time
+
+    touched = storage.read_dataset(storage.uri(TRACKS)).to_pylist()[1]
+    _time.sleep(1.1)  # object stores keep modification times to the second
+    storage.write_bytes(touched["audio_uri"], storage.read_bytes(touched["audio_uri"]))
+    spec_pointer = storage.published(storage.uri(SPECTROGRAMS))
+    same = run_spectrograms(cfg, storage, spark)
+    assert same.counts["processed"] == 1 and same.counts["unchanged"] == 1 and same.counts["computed"] == 0
+    assert storage.published(storage.uri(SPECTROGRAMS)) == spec_pointer
+    assert run_spectrograms(cfg, storage, spark).counts["processed"] == 0  # and remembered
+
     # Changed audio replaces the old spectrogram (one row per track, new hash).
     track = storage.read_dataset(storage.uri(TRACKS)).to_pylist()[0]
     old = {r["track_id"]: r["audio_sha256"] for r in read_spectrograms(storage, columns=["track_id", "audio_sha256"]).to_pylist()}

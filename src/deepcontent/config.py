@@ -152,6 +152,8 @@ class SpectrogramConfig(_Section):
     hpss: bool = False
     # Longer audio is quarantined as too_long (decided from the header, before decoding).
     max_seconds: float = 600.0
+    # Objects larger than this are quarantined as too_long without being read (memory bound).
+    max_audio_bytes: int = 256 * 1024 * 1024
     clips_per_task: int = Field(64, ge=1)
     decode_timeout_s: float = Field(60.0, gt=0)
     decoder_memory_mb: int = 4096
@@ -187,6 +189,56 @@ class FactorizeConfig(_Section):
     num_threads: int = 0
 
 
+class TrainConfig(_Section):
+    """The ``train`` stage: a CNN regressor from log-mel windows to the WMF item factors, on
+    Ray Train (one DDP worker per ``num_workers``) fed by Ray Data from the spectrogram shards.
+
+    Targets are the ``plays`` item factors of train songs, standardised per factor; valid songs
+    give the validation NMSE (early stopping). Hardware is configuration only: ``use_gpu``
+    picks NCCL, bf16 autocast (``precision=auto``) and pinned host memory in one place
+    (:mod:`deepcontent.train.backend`); CPU workers use gloo and ``threads_per_worker`` threads.
+    """
+
+    model: Literal["paper_cnn", "deep_cnn"] = "paper_cnn"
+    # Keyword arguments of the model class (see deepcontent.models); n_factors and the window
+    # length come from the data and ``window_frames``.
+    model_params: dict[str, Any] = Field(default_factory=dict)
+    loss: Literal["mse", "wpe"] = "mse"
+    # ~3 s at 22,050 Hz / hop 512 (thesis §4.5.2)
+    window_frames: int = Field(130, ge=8)
+    # Random windows cropped per train clip per epoch (the epoch's length).
+    windows_per_clip: int = Field(4, ge=1)
+    # Per worker; the global batch is batch_size × num_workers.
+    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(30, ge=1)
+    # Stop after this many epochs without a better validation NMSE.
+    patience: int = Field(5, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    # Random gain augmentation, ± dB of mel power per window (0 = off).
+    gain_db: float = Field(0.0, ge=0.0)
+    seed: int = 0
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    # torch intra-op threads per worker (1 per worker on CPU, ARCHITECTURE performance notes).
+    threads_per_worker: int = Field(1, ge=1)
+    # "auto" = bf16 autocast on GPU, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Windows per forward pass when scoring whole clips (validation).
+    eval_batch_size: int = Field(256, ge=1)
+    prefetch_batches: int = Field(2, ge=0)
+    # Worker failures a run recovers from (from its latest checkpoint) before it fails.
+    max_failures: int = Field(2, ge=-1)
+    checkpoints_to_keep: int = Field(2, ge=1)
+    # Also fit the BoW-MFCC + linear baseline on the same split and record its NMSE.
+    baseline: bool = False
+    baseline_words: int = Field(64, ge=2)
+    # "module:function" called on every worker after each epoch's report as
+    # fn(epoch=, rank=, attempt=); a hook for fault-injection tests, None in production.
+    epoch_hook: str | None = None
+
+
 class Config(_Section):
     run_name: str = "deepcontent"
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -199,6 +251,7 @@ class Config(_Section):
     spectrograms: SpectrogramConfig = Field(default_factory=SpectrogramConfig)
     matrices: MatricesConfig = Field(default_factory=MatricesConfig)
     factorize: FactorizeConfig = Field(default_factory=FactorizeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none), secrets excluded.

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from deepcontent.config import Config
-from deepcontent.ingest import PLAYS, TAGS, TRACKS
+from deepcontent.ingest import PLAYS, TAGS, TAGS_SCHEMA, TRACKS
 from deepcontent.manifest import RunManifest, StageResult, log
 from deepcontent.storage import Storage, join, new_run_id
 
@@ -305,8 +305,7 @@ def _tag_matrices(storage: Storage, tracks: pa.Table, item_index: pa.Table, item
                   tag_index_old: pa.Table, min_count: int, export_dir: str):
     """items × tags CSR per split (Last.fm weights; a song takes the max weight over its tracks)."""
     tags_uri = storage.uri(TAGS)
-    tags = storage.read_dataset(tags_uri) if storage.published(tags_uri) else pa.table(
-        {"track_id": pa.array([], pa.string()), "tag": pa.array([], pa.string()), "weight": pa.array([], pa.int32())})
+    tags = storage.read_published(tags_uri, schema=TAGS_SCHEMA)  # empty when the catalog has no tags
     song_of = lookup(pa.table({"track_id": tracks["track_id"], "idx": pa.array(np.arange(tracks.num_rows, dtype=np.int32))}),
                      tags["track_id"].combine_chunks(), id_column="track_id")
     known = song_of >= 0

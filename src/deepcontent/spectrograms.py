@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from concurrent.futures import ThreadPoolExecutor
 import json
 import time
 from collections import Counter
@@ -115,8 +116,8 @@ def _warm_up(compute_fn: str, settings) -> None:
     sf.write(buf, noise, settings.sample_rate, format="WAV", subtype="PCM_16")
     resolve(compute_fn)(buf.getvalue(), settings=settings)
     _WARM.add(compute_fn)
-def _spectrogram_task(storage: Storage, cfg: SpectrogramConfig, run_id: str, known_bc):
-    """mapInArrow body: decode a partition's clips in an isolated child, one shard per batch."""
+def _spectrogram_task(storage: Storage, cfg: SpectrogramConfig, run_id: str, inputs_bc):
+    """mapInArrow body over task numbers: decode each task's clips in an isolated child, one shard per task."""
 
     def run(batches):
         from deepcontent.audio.sandbox import Failure, IsolatedWorker
@@ -126,38 +127,50 @@ def _spectrogram_task(storage: Storage, cfg: SpectrogramConfig, run_id: str, kno
         settings = mel_settings(cfg)
         key = settings.key()
         _warm_up(cfg.compute_fn, settings)
-        known = known_bc.value  # track_id -> sha256 of its current good spectrogram
-        with IsolatedWorker(cfg.compute_fn, timeout_s=cfg.decode_timeout_s, memory_limit_mb=cfg.decoder_memory_mb) as worker:
-            for batch in batches:
-                cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+        known = inputs_bc.value["known"]  # track_id -> sha256 of its current good spectrogram
+        groups = inputs_bc.value["groups"]  # task number -> [(track_id, uri, size, modified)]
+
+        def fetch(uri: str, size: int):
+            if size is not None and size > cfg.max_audio_bytes:  # never load an absurd object
+                return None, ("too_long", f"object is {size:,} bytes, above spectrograms.max_audio_bytes={cfg.max_audio_bytes:,}")
+            try:
+                return storage.read_bytes(uri), None
+            except Exception as exc:  # missing object, permissions, network: recorded, not fatal
+                return None, ("unreadable", f"{type(exc).__name__}: {exc}"[:500])
+
+        with IsolatedWorker(cfg.compute_fn, timeout_s=cfg.decode_timeout_s, memory_limit_mb=cfg.decoder_memory_mb) as worker, \
+                ThreadPoolExecutor(max_workers=1) as io_pool:
+            for task in (t for batch in batches for t in batch.column("id").to_pylist()):
+                items = groups[task]
+                # Fetch the next clip while the child decodes this one: S3 latency stays hidden.
+                pending = [io_pool.submit(fetch, items[0][1], items[0][2])] if items else []
                 rows, index = [], []
-                for track_id, uri, size, modified in zip(cols["track_id"], cols["audio_uri"],
-                                                               cols["audio_size"], cols["audio_modified"]):
+                for k, (track_id, uri, size, modified) in enumerate(items):
+                    data, error = pending.pop(0).result()
+                    if k + 1 < len(items):
+                        pending.append(io_pool.submit(fetch, items[k + 1][1], items[k + 1][2]))
                     entry = {"track_id": track_id, "audio_uri": uri, "audio_size": size, "audio_modified": modified,
                              "audio_sha256": None, "settings_key": key, "status": "ok", "detail": None, "shard": None,
                              "run_id": run_id}
-                    try:
-                        data = storage.read_bytes(uri)
-                    except Exception as exc:  # missing object, permissions, network: recorded, not fatal
-                        entry.update(status="unreadable", detail=f"{type(exc).__name__}: {exc}"[:500])
-                        index.append(entry)
+                    index.append(entry)
+                    if error is not None:
+                        entry.update(status=error[0], detail=error[1])
                         continue
-                    sha = hashlib.sha256(data).hexdigest()
-                    entry["audio_sha256"] = sha
-                    if known.get(track_id) == sha:  # touched, not changed: keep the stored spectrogram
-                        entry.update(status="unchanged")
-                        index.append(entry)
-                        continue
+                    if track_id in known:  # metadata changed; content may not have
+                        entry["audio_sha256"] = hashlib.sha256(data).hexdigest()
+                        if known[track_id] == entry["audio_sha256"]:
+                            entry.update(status="unchanged")
+                            continue
                     result = worker.call(data, settings=settings)
                     if isinstance(result, Failure):
-                        entry.update(status=result.reason, detail=result.detail[:500])
+                        entry.update(status=result.reason, detail=result.detail[:500],
+                                     audio_sha256=entry["audio_sha256"] or hashlib.sha256(data).hexdigest())
                     else:
+                        entry["audio_sha256"] = result["audio_sha256"]
                         rows.append(spectrogram_row(track_id, result, key))
-                    index.append(entry)
                 shard = None
                 if rows:
-                    # named by the batch's first row number: unique across the run's tasks
-                    shard = join(storage.staging_uri(storage.uri(SPECTROGRAMS), run_id), f"part-{cols['seq'][0]:07d}.parquet")
+                    shard = join(storage.staging_uri(storage.uri(SPECTROGRAMS), run_id), f"part-{task:05d}.parquet")
                     storage.write_parquet(pa.Table.from_pylist(rows, schema=SPECTROGRAM_SCHEMA), shard, compression="none")
                     for e in index:
                         if e["status"] == "ok":
@@ -218,13 +231,13 @@ def run_spectrograms(cfg: Config, storage: Storage, spark) -> StageResult:
 
     with manifest.timed("compute"):
         per = sc_cfg.clips_per_task
-        rows = [(i, t, u, s, m) for i, (t, u, s, m) in enumerate(todo)]
-        n_tasks = (len(rows) + per - 1) // per
-        # one Spark partition per group of clips (parallelize slices the list contiguously)
-        df = spark.createDataFrame(spark.sparkContext.parallelize(rows, n_tasks),
-                                   "seq int, track_id string, audio_uri string, audio_size long, audio_modified string")
-        bc = spark.sparkContext.broadcast(known)
+        groups = [todo[i : i + per] for i in range(0, len(todo), per)]
+        # The tasks' inputs travel as one broadcast and Spark only ships task numbers
+        # (spark.range is generated in the JVM): no Python stage to turn rows into a DataFrame.
+        bc = spark.sparkContext.broadcast({"known": known, "groups": groups})
+        df = spark.range(0, len(groups), numPartitions=len(groups))
         results = df.mapInArrow(_spectrogram_task(storage, sc_cfg, run_id, bc), _TASK_DDL).toArrow()
+        bc.unpersist()
         results = results.cast(INDEX_SCHEMA)
 
     status = Counter(results["status"].to_pylist())

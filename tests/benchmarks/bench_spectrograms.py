@@ -14,7 +14,10 @@ them, then measures in the same run:
 * ``naive_clips_per_s_per_core``: ``librosa.load(sr=22050)`` + ``melspectrogram`` + log1p over the
   same files, one thread;
 * ``ratio_vs_naive`` = spark / naive and ``spark_overhead`` = 1 − spark / inprocess;
-* ``projected_hours_1m_clips_100_cores`` = 1e6 / (spark rate per core × 100) / 3600.
+* ``projected_hours_1m_clips_100_cores`` = 1e6 / (spark rate per core × 100) / 3600;
+* ``s3_read_cpu_ms_per_clip``: CPU that reading one clip through the embedded S3 server costs
+  on this machine (client + server process), measured over the same clips: in the embedded
+  default the server shares the cores with the decoders, which a cluster's remote store does not.
 
 The last line of output is the JSON result.
 """
@@ -43,6 +46,22 @@ from deepcontent.manifest import setup_logging  # noqa: E402
 from deepcontent.spectrograms import mel_settings, run_spectrograms  # noqa: E402
 from deepcontent.storage import Storage  # noqa: E402
 from deepcontent.synth.generate import generate  # noqa: E402
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _s3_read_cpu_ms(storage: Storage, server: EmbeddedS3Server, prefix: str) -> float:
+    """Client + server CPU per clip for reading every clip once through the S3 server."""
+    objs = storage.list(prefix)
+    server_0, client_0 = _proc_cpu_s(server._proc.pid), os.times()
+    for o in objs:
+        storage.read_bytes(o.uri)
+    client_1 = os.times()
+    client = client_1.user + client_1.system - client_0.user - client_0.system
+    return (client + _proc_cpu_s(server._proc.pid) - server_0) / max(len(objs), 1) * 1000
 
 
 def main() -> int:
@@ -74,6 +93,7 @@ def main() -> int:
         spark_s = time.perf_counter() - t0
         spark.stop()
         clips = result.counts["computed"]
+        s3_cpu_ms = _s3_read_cpu_ms(storage, server, storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.audio))
 
         files = sorted((work / "s3" / "bench" / cfg.storage.raw_prefix / cfg.sources.audio).rglob("*.mp3"))
         datas = [f.read_bytes() for f in files]
@@ -104,6 +124,8 @@ def main() -> int:
         "ratio_vs_naive": round(spark_rate / naive_rate, 3),
         "spark_overhead": round(1 - spark_rate / inproc_rate, 3),
         "projected_hours_1m_clips_100_cores": round(1e6 / (spark_rate * 100) / 3600, 2),
+        "s3_read_cpu_ms_per_clip": round(s3_cpu_ms, 2),
+        "inprocess_ms_per_clip": round(1000 / inproc_rate, 2),
     }
     if not args.json:
         for k, v in out.items():

@@ -382,12 +382,41 @@ def resample(y: np.ndarray, *, orig_sr: int, target_sr: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+_SLANEY_F_SP = 200.0 / 3.0  # Hz per mel below 1 kHz (Slaney's Auditory Toolbox)
+_SLANEY_LOG_HZ = 1000.0
+_SLANEY_LOG_MEL = _SLANEY_LOG_HZ / _SLANEY_F_SP
+_SLANEY_LOGSTEP = math.log(6.4) / 27.0
+
+
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    hz = np.asarray(hz, dtype=np.float64)
+    linear = hz / _SLANEY_F_SP
+    log = _SLANEY_LOG_MEL + np.log(np.maximum(hz, 1e-10) / _SLANEY_LOG_HZ) / _SLANEY_LOGSTEP
+    return np.where(hz >= _SLANEY_LOG_HZ, log, linear)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    linear = _SLANEY_F_SP * mel
+    log = _SLANEY_LOG_HZ * np.exp(_SLANEY_LOGSTEP * (mel - _SLANEY_LOG_MEL))
+    return np.where(mel >= _SLANEY_LOG_MEL, log, linear)
+
+
 @functools.lru_cache(maxsize=32)
 def _mel_basis(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> scipy.sparse.csr_matrix:
-    import librosa  # construction only; librosa is slow to import and not needed per clip
-
-    dense = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, dtype=np.float32)
-    basis = scipy.sparse.csr_matrix(dense, dtype=np.float32)
+    # Slaney mel scale and area normalisation, computed in float64 like librosa.filters.mel
+    # (tested equal to it) but without importing librosa: Spark and Ray workers build this on
+    # start-up, and librosa's import costs more than the whole filterbank.
+    fft_hz = np.fft.rfftfreq(n_fft, d=1.0 / sr)
+    mel_hz = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
+    widths = np.diff(mel_hz)
+    ramps = mel_hz[:, None] - fft_hz[None, :]
+    lower = -ramps[:-2] / widths[:-1, None]
+    upper = ramps[2:] / widths[1:, None]
+    # rounded to float32 before the area normalisation, in that order, as librosa does
+    dense = np.maximum(0.0, np.minimum(lower, upper)).astype(np.float32)
+    dense *= (2.0 / (mel_hz[2 : n_mels + 2] - mel_hz[:n_mels]))[:, None]
+    basis = scipy.sparse.csr_matrix(dense)
     basis.sort_indices()
     for arr in (basis.data, basis.indices, basis.indptr):  # shared via the cache: keep it immutable
         arr.flags.writeable = False
