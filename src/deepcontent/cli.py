@@ -75,9 +75,18 @@ def _factorize(cfg, storage, rt):
     return run_factorize(cfg, storage, spark, warehouse=rt.warehouse)
 
 
+def _train(cfg, storage, rt):
+    from deepcontent.train.stage import run_train
+
+    return run_train(cfg, storage)
+
+
 # The stages in pipeline order.
 STAGES: dict[str, Callable] = {"ingest": _ingest, "spectrograms": _spectrograms, "matrices": _matrices,
                                "factorize": _factorize}
+# Stages with a command of their own that `pipeline` does not run: training takes minutes even on
+# the demo catalog, so the pipeline stops at the factors and `deepcontent train` runs on them.
+COMMAND_STAGES: dict[str, Callable] = {**STAGES, "train": _train}
 
 
 def _run(cfg, stages: list[str], *, generate_first: bool) -> dict:
@@ -92,7 +101,7 @@ def _run(cfg, stages: list[str], *, generate_first: bool) -> dict:
         rt = _Runtime(cfg, storage)
         try:
             for name in stages:
-                out[name] = STAGES[name](cfg, storage, rt).to_dict()
+                out[name] = COMMAND_STAGES[name](cfg, storage, rt).to_dict()
         finally:
             rt.close()
         out["warehouse"] = cfg.warehouse.uri
@@ -154,6 +163,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "spectrograms": (_stage_command("spectrograms"), "Spark: audio clips -> float16 log-mel shards (incremental, with quarantine)"),
     "matrices": (_stage_command("matrices"), "Spark: plays and tags -> stable id maps, song splits, sparse matrices (COO + CSR)"),
     "factorize": (_stage_command("factorize"), "WMF / implicit ALS on the train split (implicit, or Spark MLlib by config) -> latent factors"),
+    "train": (_stage_command("train"), "Ray Train: CNN from log-mel windows to item factors (DDP, checkpoints, early stopping) -> model registry"),
     "pipeline": (_cmd_pipeline, "run every stage in order on the configured catalog (generate first unless --skip-generate)"),
 }
 

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -225,6 +225,11 @@ class TrainConfig(_Section):
     threads_per_worker: int = Field(1, ge=1)
     # "auto" = bf16 autocast on GPU, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Ray Data ingest tasks (read a shard, attach targets): CPUs each and how many at once.
+    # 0 CPUs by default: Ray Data only gets the cluster's CPUs minus the training workers', none
+    # on a machine whose cores are all training workers; ingest runs while the workers wait.
+    ingest_cpus: float = Field(0.0, ge=0.0)
+    ingest_concurrency: int = Field(2, ge=1)
     # Windows per forward pass when scoring whole clips (validation).
     eval_batch_size: int = Field(256, ge=1)
     prefetch_batches: int = Field(2, ge=0)
@@ -233,7 +238,8 @@ class TrainConfig(_Section):
     checkpoints_to_keep: int = Field(2, ge=1)
     # Also fit the BoW-MFCC + linear baseline on the same split and record its NMSE.
     baseline: bool = False
-    baseline_words: int = Field(64, ge=2)
+    # BoW vocabulary sizes tried (with a grid of ridge penalties); the best on valid is reported.
+    baseline_words: tuple[Annotated[int, Field(ge=2)], ...] = (32, 64, 128, 256, 512)
     # "module:function" called on every worker after each epoch's report as
     # fn(epoch=, rank=, attempt=); a hook for fault-injection tests, None in production.
     epoch_hook: str | None = None

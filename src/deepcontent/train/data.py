@@ -1,0 +1,321 @@
+"""Training data: targets on the driver, Ray Data ingest, and resident clip banks on the workers.
+
+Driver side (:func:`build_targets`)
+    ``canonical/tracks`` (track_id -> song_id) joined with ``factors/plays/item_factors``:
+    train songs give the regression targets, valid songs the validation targets; test songs
+    and songs without factors are left out here, so their audio never reaches a worker.
+    Targets are standardised per factor with the mean / std of the *train* targets (stored
+    with the model to undo it). The result is two small Arrow tables keyed by track_id.
+
+Ray Data (:mod:`deepcontent.train.ingest`)
+    Streams the spectrogram shards with these targets attached to the workers.
+
+Worker side (:class:`ClipBank`)
+    Each worker pulls its shard *once* into a resident bank of whole-clip log-mels (float16,
+    on the training device) and cuts random windows there every step (ARCHITECTURE.md,
+    performance notes): a 3 s window is 33 KB, so shipping windows would make training
+    input-bound; shipping clips once costs one pass over the shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from deepcontent.factorize.stage import factors_dataset, factors_matrix
+from deepcontent.ingest import TRACKS
+from deepcontent.matrices import EXPORTS, ITEM_INDEX
+from deepcontent.spectrograms import SPECTROGRAMS
+from deepcontent.storage import Storage
+
+__all__ = [
+    "ClipBank",
+    "TrainingData",
+    "TrainingDataError",
+    "build_targets",
+    "list_matrix",
+    "standardize",
+]
+
+
+class TrainingDataError(ValueError):
+    """The inputs cannot make a training set; the message names what is missing and where."""
+
+
+def list_matrix(col: pa.ChunkedArray | pa.Array, *, width: int | None = None) -> np.ndarray:
+    """A ``list<float32>`` column of equal-length lists -> ``(n, width)`` float32."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if n == 0:
+        return flat.reshape(0, width or 0)
+    return flat.reshape(n, -1)
+
+
+def _list_column(m: np.ndarray) -> pa.ListArray:
+    m = np.ascontiguousarray(m, dtype=np.float32)
+    offsets = pa.array(np.arange(0, m.size + 1, m.shape[1], dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(m.reshape(-1), pa.float32()))
+
+
+def standardize(
+    factors: np.ndarray, *, mean: np.ndarray | None = None, std: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-factor z-scores ``(n, f)``, with the mean and std used ``(f,)`` each.
+
+    ``mean`` / ``std`` default to the statistics of ``factors`` itself (pass the train
+    statistics to standardise valid targets the same way). A factor with zero spread gets
+    std 1, so it maps to 0 instead of NaN.
+    """
+    x = np.asarray(factors, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"factors must be (n, f), got shape {x.shape}")
+    if mean is None:
+        mean = x.mean(axis=0)
+    if std is None:
+        sd = x.std(axis=0)
+        std = np.where(sd > 0, sd, 1.0)
+    z = (x - mean) / std
+    return z.astype(np.float32), np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+
+
+@dataclass
+class TrainingData:
+    """What the driver knows before training (small: ids and factors, no audio).
+
+    Attributes
+    ----------
+    train, valid : pa.Table
+        ``(track_id, song_id, item_idx int32, target list<float32>)``, one row per track with a
+        spectrogram; ``target`` is standardised; ``item_idx`` is the song's column in the
+        matrices exports (-1 when the item index is not published).
+    target_mean, target_std : np.ndarray [shape=(f,)]
+        Raw factors = ``target * std + mean``.
+    valid_variance : float
+        ``mean_j var(valid target[:, j])``: the NMSE denominator (predicting the valid mean
+        scores exactly 1).
+    spectrogram_files : list of str
+        URIs of the published spectrogram shards.
+    inputs : dict
+        Run ids of every input (the data snapshot the model version is derived from).
+    settings_key, n_mels : str, int
+        The spectrograms' settings and band count (one value across the catalog).
+    """
+
+    train: pa.Table
+    valid: pa.Table
+    target_mean: np.ndarray
+    target_std: np.ndarray
+    valid_variance: float
+    spectrogram_files: list[str]
+    inputs: dict[str, str]
+    settings_key: str | None
+    n_mels: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_factors(self) -> int:
+        return int(self.target_mean.shape[0])
+
+
+def _pointer_run(storage: Storage, name: str, *, needed_by: str) -> dict:
+    pointer = storage.published(storage.uri(name))
+    if pointer is None:
+        raise TrainingDataError(f"{needed_by} needs {storage.uri(name)}, which has never been published; "
+                                f"run the stage that writes it first")
+    return pointer
+
+
+def build_targets(storage: Storage) -> TrainingData:
+    """Join tracks, spectrograms and ``plays`` item factors into train / valid targets.
+
+    Raises
+    ------
+    TrainingDataError
+        If an input was never published, if no train or no valid track has both a
+        spectrogram and factors, or if spectrograms disagree on ``n_mels``.
+    """
+    items_name = factors_dataset("plays", "item_factors")
+    users_name = factors_dataset("plays", "user_factors")
+    pointers = {name: _pointer_run(storage, name, needed_by="train")
+                for name in (TRACKS, SPECTROGRAMS, items_name, users_name)}
+    inputs = {name: p["run_id"] for name, p in pointers.items()}
+    index_pointer = storage.published(storage.uri(ITEM_INDEX))
+    if index_pointer is not None:
+        inputs[ITEM_INDEX] = index_pointer["run_id"]
+    exports_pointer = storage.published(storage.uri(EXPORTS))  # the play matrix WPE reads
+    if exports_pointer is not None:
+        inputs[EXPORTS] = exports_pointer["run_id"]
+
+    tracks = storage.read_dataset(storage.uri(TRACKS), columns=["track_id", "song_id"])
+    spec_files = storage.published_files(storage.uri(SPECTROGRAMS))
+    spec = (storage.read_parquet(spec_files, columns=["track_id", "n_mels"]) if spec_files
+            else pa.table({"track_id": pa.array([], pa.string()), "n_mels": pa.array([], pa.int32())}))
+    mels = set(spec["n_mels"].to_pylist())
+    if len(mels) > 1:
+        raise TrainingDataError(f"spectrograms at {storage.uri(SPECTROGRAMS)} mix n_mels values {sorted(mels)}; "
+                                f"recompute them with one setting")
+    items = storage.read_dataset(storage.uri(items_name))
+    if index_pointer is not None:
+        index = storage.read_dataset(storage.uri(ITEM_INDEX))
+        pos = pc.index_in(items["song_id"], value_set=index["song_id"])
+        item_idx = pc.take(index["idx"], pos).cast(pa.int32()).fill_null(-1)
+    else:
+        item_idx = pa.array(np.full(items.num_rows, -1, np.int32))
+
+    # track -> song -> (factors, split): only tracks that also have a spectrogram
+    with_spec = tracks.filter(pc.is_in(tracks["track_id"], value_set=spec["track_id"]))
+    pos = pc.index_in(with_spec["song_id"], value_set=items["song_id"])
+    keep = pc.is_valid(pos)
+    with_spec, pos = with_spec.filter(keep), pos.filter(keep)
+    split = pc.take(items["split"], pos)
+    factors = factors_matrix(items.take(pos))
+    idx = pc.take(item_idx, pos)
+
+    is_train = np.asarray(pc.equal(split, "train").to_numpy(zero_copy_only=False), dtype=bool)
+    is_valid = np.asarray(pc.equal(split, "valid").to_numpy(zero_copy_only=False), dtype=bool)
+    if not is_train.any() or not is_valid.any():
+        raise TrainingDataError(
+            f"need train and valid tracks with both a spectrogram and item factors; found {int(is_train.sum())} train "
+            f"and {int(is_valid.sum())} valid ({spec.num_rows} spectrograms at {storage.uri(SPECTROGRAMS)}, "
+            f"{items.num_rows} songs with factors at {storage.uri(items_name)})")
+    z_train, mean, std = standardize(factors[is_train])
+    z_valid, _, _ = standardize(factors[is_valid], mean=mean, std=std)
+    valid_variance = float(z_valid.astype(np.float64).var(axis=0).mean())
+    if not valid_variance > 0:
+        raise TrainingDataError(f"the {int(is_valid.sum())} valid tracks' targets have zero variance; NMSE is undefined")
+
+    def table(mask: np.ndarray, z: np.ndarray) -> pa.Table:
+        rows = pa.array(np.flatnonzero(mask))
+        return pa.table({"track_id": pc.take(with_spec["track_id"], rows), "song_id": pc.take(with_spec["song_id"], rows),
+                         "item_idx": pc.take(idx, rows), "target": _list_column(z)})
+
+    train, valid = table(is_train, z_train), table(is_valid, z_valid)
+    return TrainingData(
+        train=train, valid=valid, target_mean=mean, target_std=std, valid_variance=valid_variance,
+        spectrogram_files=spec_files, inputs=inputs, settings_key=pointers[SPECTROGRAMS].get("settings_key"),
+        n_mels=int(next(iter(mels))) if mels else 0,
+        counts={"train_tracks": train.num_rows, "valid_tracks": valid.num_rows,
+                "train_songs": len(set(train["song_id"].to_pylist())), "valid_songs": len(set(valid["song_id"].to_pylist())),
+                "spectrograms": spec.num_rows, "factors": factors.shape[1]},
+    )
+
+
+# ----------------------------------------------------------------------------- worker side
+@dataclass
+class ClipBank:
+    """Whole-clip log-mels resident in one tensor, with their targets.
+
+    Attributes
+    ----------
+    frames : torch.Tensor [shape=(total_frames, n_mels), dtype=float16]
+        Every clip's frames back to back, time-major (no padding between clips, so long clips
+        cost only their own memory; a window is a run of contiguous 256-byte rows, which makes
+        cropping a row gather, ~6x cheaper than gathering columns of band-major storage);
+        clips shorter than the window were zero-padded (silence) to it.
+    offsets, lengths : torch.LongTensor [shape=(n_clips,)]
+        Where each clip starts in ``frames`` and how many frames it has.
+    targets : torch.Tensor [shape=(n_clips, f), dtype=float32]
+        Standardised factors.
+    items : torch.LongTensor [shape=(n_clips,)]
+        The song's column in the play matrix (for the WPE loss), -1 if unknown.
+    track_ids : list of str
+    """
+
+    frames: torch.Tensor
+    offsets: torch.Tensor
+    lengths: torch.Tensor
+    targets: torch.Tensor
+    items: torch.Tensor
+    track_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.track_ids)
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[pa.Table | dict], *, min_frames: int, n_factors: int, n_mels: int) -> "ClipBank":
+        """Build a bank from Arrow batches of ``(track_id, n_mels, n_frames, mel, target, item_idx)``.
+
+        Raises
+        ------
+        ValueError
+            If a row's ``n_mels`` differs from ``n_mels``, its mel blob does not hold
+            ``n_mels × n_frames`` float16 values, or its target is not of length ``n_factors``;
+            the message names the track.
+        """
+        chunks, lengths, targets, items, ids = [], [], [], [], []
+        for batch in batches:
+            if isinstance(batch, dict):
+                batch = pa.table(batch)
+            tid = batch["track_id"].to_pylist()
+            nm = batch["n_mels"].to_pylist()
+            nf = batch["n_frames"].to_pylist()
+            blobs = batch["mel"].to_pylist()
+            t = list_matrix(batch["target"])
+            if len(tid) and t.shape[1] != n_factors:
+                raise ValueError(f"track {tid[0]!r}: target has {t.shape[1]} factors, expected {n_factors}")
+            for track, m, f, blob in zip(tid, nm, nf, blobs):
+                if m != n_mels:
+                    raise ValueError(f"track {track!r}: spectrogram has n_mels={m}, expected {n_mels}")
+                mel = np.frombuffer(blob, dtype=np.float16)
+                if mel.size != m * f:
+                    raise ValueError(f"track {track!r}: mel blob holds {mel.size} values, expected n_mels × n_frames = {m * f}")
+                mel = mel.reshape(m, f).T  # (n_frames, n_mels)
+                if f < min_frames:
+                    mel = np.concatenate([mel, np.zeros((min_frames - f, m), np.float16)], axis=0)
+                chunks.append(mel)
+                lengths.append(mel.shape[0])
+            targets.append(t)
+            items.append(np.asarray(batch["item_idx"].to_numpy(zero_copy_only=False), dtype=np.int64))
+            ids.extend(tid)
+        lengths_t = torch.as_tensor(lengths, dtype=torch.long)
+        offsets = torch.zeros_like(lengths_t)
+        if len(lengths):
+            offsets[1:] = torch.cumsum(lengths_t, 0)[:-1]
+        frames = torch.from_numpy(np.concatenate(chunks, axis=0)) if chunks else torch.zeros((0, n_mels), dtype=torch.float16)
+        tgt = torch.from_numpy(np.concatenate(targets)) if targets else torch.zeros((0, n_factors))
+        return cls(frames=frames, offsets=offsets, lengths=lengths_t, targets=tgt,
+                   items=torch.from_numpy(np.concatenate(items)) if items else torch.zeros(0, dtype=torch.long),
+                   track_ids=ids)
+
+    def to(self, device: torch.device, *, move=None) -> "ClipBank":
+        """The bank on ``device``; ``move(tensor, device)`` does the copy (pinned on GPU, see
+        :meth:`deepcontent.train.backend.Backend.to_device`)."""
+        move = move or (lambda t, d: t.to(d))
+        return ClipBank(frames=move(self.frames, device), offsets=move(self.offsets, device),
+                        lengths=move(self.lengths, device), targets=move(self.targets, device),
+                        items=self.items, track_ids=self.track_ids)
+
+    def clip(self, i: int) -> torch.Tensor:
+        """Clip ``i`` as a view ``(n_mels, n_frames_i)``."""
+        o, n = int(self.offsets[i]), int(self.lengths[i])
+        return self.frames[o : o + n].T
+
+    def random_windows(self, clips: torch.Tensor, *, n_frames: int, generator: torch.Generator) -> torch.Tensor:
+        """One random window per entry of ``clips``, cut where the bank lives.
+
+        Parameters
+        ----------
+        clips : torch.LongTensor [shape=(batch,)]
+            Clip indices (on the bank's device).
+        n_frames : int
+            Window length; every clip has at least this many frames (padded at load).
+        generator : torch.Generator
+            On the bank's device; draws the start offsets (uniform over each clip).
+
+        Returns
+        -------
+        windows : torch.Tensor [shape=(batch, n_mels, n_frames), dtype=float16]
+            A transposed view of the gathered ``(batch, n_frames, n_mels)`` rows (not
+            contiguous; convolutions take it as it is).
+        """
+        high = self.lengths[clips] - n_frames  # >= 0
+        u = torch.rand(clips.shape[0], generator=generator, device=self.frames.device)
+        starts = self.offsets[clips] + torch.minimum((u * (high + 1).to(u.dtype)).long(), high)
+        pos = starts[:, None] + torch.arange(n_frames, device=self.frames.device)
+        return self.frames[pos].transpose(1, 2)  # (batch, n_frames, n_mels) rows -> (batch, n_mels, n_frames)

@@ -1,0 +1,297 @@
+"""The per-worker training function (Ray Train) and clip-level prediction.
+
+:func:`train_loop_per_worker` runs on every Ray Train worker:
+
+1. resume: ``ray.train.get_checkpoint()`` gives the latest checkpoint of this run (after a
+   worker failure, or when the driver re-runs an interrupted run); training continues from
+   the epoch after it with the model, optimiser, early-stopping state and curve it holds;
+2. ingest: the worker's Ray Data shards of ``train`` and ``valid`` clips are pulled once into
+   :class:`~deepcontent.train.data.ClipBank` s on the training device;
+3. each epoch: ``steps_per_epoch`` steps (the same on every rank, so DDP's all-reduces pair
+   up) of random windows cut from the resident clips; then the validation NMSE of whole-clip
+   predictions (mean over consecutive windows), summed over ranks; then one
+   ``ray.train.report`` with metrics, and on rank 0 a checkpoint persisted to object storage;
+4. early stopping: after ``patience`` epochs without a better validation NMSE (every rank
+   sees the same all-reduced numbers, so every rank stops at the same epoch).
+
+Randomness is seeded per (seed, epoch, rank), so a resumed epoch draws the same windows as an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import inspect
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import torch
+
+from deepcontent.config import TrainConfig
+from deepcontent.models import MODELS, build_model, consecutive_windows, random_gain
+from deepcontent.train.losses import gram_matrix, item_plays, mse_loss, wpe_loss
+
+__all__ = ["build_regressor", "model_kwargs", "predict_clips", "train_loop_per_worker"]
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def model_kwargs(cfg: TrainConfig, *, n_mels: int) -> dict[str, Any]:
+    """Keyword arguments for :func:`deepcontent.models.build_model` (besides ``n_factors``):
+    ``cfg.model_params`` plus the band count and, for fixed-window nets, ``window_frames``."""
+    params = dict(cfg.model_params)
+    accepted = inspect.signature(MODELS[cfg.model].__init__).parameters
+    if "n_mels" in accepted:
+        params.setdefault("n_mels", n_mels)
+    if "n_frames" in accepted:
+        params.setdefault("n_frames", cfg.window_frames)
+    return params
+
+
+def build_regressor(name: str, *, n_factors: int, params: dict[str, Any]) -> torch.nn.Module:
+    """The registered model ``name`` (a thin alias, so checkpoints and the registry rebuild
+    models the same way)."""
+    return build_model(name, n_factors=n_factors, **params)
+
+
+@torch.no_grad()
+def predict_clips(
+    model: torch.nn.Module,
+    clips: Sequence[torch.Tensor],
+    *,
+    n_frames: int,
+    batch_size: int = 256,
+    autocast: Callable[[], Any] | None = None,
+) -> torch.Tensor:
+    """Clip-level predictions: the mean of the model's outputs over consecutive windows.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Already in eval mode, on the clips' device.
+    clips : sequence of torch.Tensor [shape=(n_mels, n_frames_i)]
+        Whole clips (any length; shorter than a window = one zero-padded window).
+    n_frames : int
+        Window length. Windows are back to back, plus one ending at the clip's last frame when
+        the regular ones stop short (so every frame is seen; thesis §4.5.2).
+    batch_size : int
+        Windows per forward pass (several clips share a batch).
+    autocast : callable, optional
+        Returns the forward-pass context (bf16 autocast on GPU).
+
+    Returns
+    -------
+    pred : torch.Tensor [shape=(n_clips, n_factors), dtype=float32]
+    """
+    if not len(clips):
+        raise ValueError("predict_clips got no clips")
+    windows = [consecutive_windows(c, n_frames=n_frames, cover_tail=True) for c in clips]
+    counts = torch.as_tensor([w.shape[0] for w in windows])
+    owner = torch.repeat_interleave(torch.arange(len(clips)), counts)
+    flat = torch.cat(windows)
+    outs = []
+    for s in range(0, flat.shape[0], batch_size):
+        with autocast() if autocast else contextlib.nullcontext():
+            outs.append(model(flat[s : s + batch_size]).float())
+    out = torch.cat(outs)
+    sums = torch.zeros((len(clips), out.shape[1]), dtype=out.dtype, device=out.device)
+    sums.index_add_(0, owner.to(out.device), out)
+    return sums / counts.to(out.device, out.dtype)[:, None]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum scalars over all ranks (identity on one worker)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _resolve_hook(path: str | None) -> Callable | None:
+    if not path:
+        return None
+    module, _, name = path.partition(":")
+    if not module or not name:
+        raise ValueError(f"train.epoch_hook must look like 'module:function', got {path!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def _epoch_order(n_clips: int, n_needed: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Clip indices for one epoch: whole random permutations of the local clips, concatenated
+    until ``n_needed`` are drawn (every clip is visited equally often, up to the remainder)."""
+    reps = -(-n_needed // n_clips)
+    perms = [torch.randperm(n_clips, generator=generator, device=device) for _ in range(reps)]
+    return torch.cat(perms)[:n_needed]
+
+
+class _WPE:
+    """The WPE objective's fixed data on one worker: ``c_ui`` of the train songs' plays
+    (items × users CSR), the user factors and their Gram matrix; predictions are
+    un-standardised first, because WMF scores are ``x_u · y_i`` in raw factor units."""
+
+    def __init__(self, payload, *, mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> None:
+        item_users, user_factors = payload
+        self.item_users = item_users
+        self.users = torch.as_tensor(user_factors, dtype=torch.float32, device=device)
+        self.gram = gram_matrix(self.users)
+        self.mean, self.std = mean.to(device), std.to(device)
+
+    def __call__(self, pred: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        users, conf = item_plays(self.item_users, items.cpu().numpy())
+        raw = pred * self.std + self.mean
+        return wpe_loss(raw, user_factors=self.users, gram=self.gram, play_users=users, play_confidence=conf)
+
+
+def _load_state(checkpoint) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- the loop
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker entry point; ``config`` is built by :func:`deepcontent.train.stage.run_train`.
+
+    Keys: ``train`` (TrainConfig as a dict), ``backend`` (:class:`~deepcontent.train.backend.Backend`),
+    ``n_factors``, ``n_mels``, ``steps_per_epoch``, ``valid_variance``, ``target_mean`` /
+    ``target_std`` (lists), ``wpe`` (an object ref of ``(item_users CSR, user_factors)`` or None).
+    """
+    import ray.train
+    import ray.train.torch
+
+    from deepcontent.train.data import ClipBank
+
+    t_start = time.perf_counter()
+    cfg = TrainConfig(**config["train"])
+    backend = config["backend"]
+    torch.set_num_threads(backend.threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    n_factors, n_mels = config["n_factors"], config["n_mels"]
+    steps, batch = config["steps_per_epoch"], cfg.batch_size
+    hook = _resolve_hook(cfg.epoch_hook)
+
+    state = _load_state(ray.train.get_checkpoint())
+    attempt = 0 if state is None else state["attempt"] + 1
+    start_epoch = 0 if state is None else state["epoch"] + 1
+    history: list[dict] = [] if state is None else list(state["history"])
+    best_nmse = float("inf") if state is None else state["best_nmse"]
+    best_epoch = -1 if state is None else state["best_epoch"]
+    best_state = None if state is None else state["best_state"]
+    bad_epochs = 0 if state is None else state["bad_epochs"]
+    if state is not None and state["stopped"]:
+        return  # the run had already finished (a driver re-run of a completed run)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_regressor(cfg.model, n_factors=n_factors, params=model_kwargs(cfg, n_mels=n_mels))
+    if state is not None:
+        model.load_state_dict(state["model"])
+    # to the device, DDP when world > 1; gradients live in the all-reduce buckets (one copy fewer)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+    # DDP wraps the net; validation and checkpoints use the bare module (no collectives)
+    base = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+
+    def load(shard) -> ClipBank:
+        batches = shard.iter_batches(batch_size=64, batch_format="pyarrow", prefetch_batches=cfg.prefetch_batches)
+        bank = ClipBank.from_batches(batches, min_frames=cfg.window_frames, n_factors=n_factors, n_mels=n_mels)
+        return bank.to(device, move=backend.to_device)
+
+    t0 = time.perf_counter()
+    # Both shards are streamed at once (each Ray Data execution has seconds of fixed start-up);
+    # get_dataset_shard is a barrier across ranks, so it stays on this thread, in order.
+    train_shard, valid_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("valid")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        valid_future = pool.submit(load, valid_shard)
+        train_bank = load(train_shard)
+        valid_bank = valid_future.result()
+    load_s = time.perf_counter() - t0
+    if len(train_bank) == 0:
+        raise RuntimeError(f"train worker {rank} of {world} received no train clips; "
+                           f"use fewer train.num_workers (now {world}) or more train songs")
+    mean = torch.as_tensor(config["target_mean"], dtype=torch.float32)
+    std = torch.as_tensor(config["target_std"], dtype=torch.float32)
+    wpe = None
+    if cfg.loss == "wpe":
+        wpe = _WPE(ray.get(config["wpe"]), mean=mean, std=std, device=device)
+    valid_clips = [valid_bank.clip(i) for i in range(len(valid_bank))]
+
+    for epoch in range(start_epoch, cfg.epochs):
+        gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, epoch, rank))
+        t_epoch = time.perf_counter()
+        model.train()
+        order = _epoch_order(len(train_bank), steps * batch, gen, device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for step in range(steps):
+            idx = order[step * batch : (step + 1) * batch]
+            x = train_bank.random_windows(idx, n_frames=cfg.window_frames, generator=gen)
+            if cfg.gain_db > 0:
+                x = random_gain(x, max_db=cfg.gain_db, generator=gen)
+            with backend.autocast(device):
+                pred = model(x)
+            pred = pred.float()
+            loss = wpe(pred, train_bank.items[idx.cpu()]) if wpe is not None else mse_loss(pred, train_bank.targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()  # no host sync per step
+        train_s = time.perf_counter() - t_epoch
+
+        base.eval()
+        if valid_clips:
+            preds = predict_clips(base, valid_clips, n_frames=cfg.window_frames, batch_size=cfg.eval_batch_size,
+                                  autocast=lambda: backend.autocast(device))
+            sse = float(((preds - valid_bank.targets) ** 2).sum())
+            n_values = preds.numel()
+        else:
+            sse, n_values = 0.0, 0
+        loss_total, sse, n_values = _all_reduce_sum([float(loss_sum), sse, float(n_values)], device)
+        train_loss = loss_total / (steps * world)
+        valid_nmse = (sse / n_values) / config["valid_variance"] if n_values else float("nan")
+
+        if valid_nmse < best_nmse:
+            best_nmse, best_epoch, bad_epochs = valid_nmse, epoch, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
+        else:
+            bad_epochs += 1
+        stopped = bad_epochs >= cfg.patience or epoch == cfg.epochs - 1
+        epoch_s = time.perf_counter() - t_epoch
+        samples = steps * batch * world
+        entry = {
+            "epoch": epoch, "train_loss": train_loss, "valid_nmse": valid_nmse, "best_valid_nmse": best_nmse,
+            "best_epoch": best_epoch, "attempt": attempt, "attempt_start_epoch": start_epoch, "samples": samples,
+            "train_s": round(train_s, 4), "epoch_s": round(epoch_s, 4),
+            "samples_per_s": samples / train_s if train_s > 0 else float("nan"),
+            "load_s": round(load_s, 4) if epoch == start_epoch else 0.0,
+            "worker_elapsed_s": round(time.perf_counter() - t_start, 4),
+        }
+        history.append(entry)
+        metrics = {**entry, "stopped": stopped}
+        if rank == 0:
+            saved = {"epoch": epoch, "attempt": attempt, "model": base.state_dict(), "optimizer": opt.state_dict(),
+                     "best_state": best_state, "best_nmse": best_nmse, "best_epoch": best_epoch,
+                     "bad_epochs": bad_epochs, "history": copy.deepcopy(history), "stopped": stopped}
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(saved, os.path.join(d, CHECKPOINT_FILE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"epoch-{epoch:04d}-attempt-{attempt}")
+        else:
+            ray.train.report(metrics)
+        if hook is not None:
+            hook(epoch=epoch, rank=rank, attempt=attempt)
+        if stopped:
+            break
