@@ -58,3 +58,15 @@ def spark():
                                         conf={"spark.ui.enabled": "false"}))
     yield session
     session.stop()
+
+
+@pytest.fixture
+def torch_one_thread():
+    """One torch intra-op thread for the test: the suite shares a 2-core machine, and one
+    thread also keeps results reproducible."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

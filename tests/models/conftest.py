@@ -17,12 +17,8 @@ SR = 22050
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # The suite shares a 2-core machine; one intra-op thread also keeps results reproducible.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(torch_one_thread):
+    """Every model test runs with one torch thread (see tests/conftest.py)."""
 
 
 def render_log_mels(n_clips: int, *, seconds: float, seed: int) -> tuple[list[np.ndarray], np.ndarray]:

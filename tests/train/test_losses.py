@@ -10,12 +10,7 @@ import torch
 from deepcontent.train.losses import gram_matrix, item_plays, mse_loss, nmse, wpe_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def brute_force_wpe(pred: torch.Tensor, user_factors: torch.Tensor, conf: torch.Tensor, played: torch.Tensor):
