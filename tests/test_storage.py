@@ -107,6 +107,20 @@ def test_server_rejects_wrong_credentials(s3_server):
     assert "wrong" not in str(err.value)
 
 
+def test_unpickled_copies_share_one_client_per_identity(s3_server):
+    """Tasks unpickle a fresh Storage each time; they must not each build a new S3 client."""
+    import pickle
+
+    from deepcontent.storage import Credentials
+
+    a = Storage("s3://share-check", endpoint_url=s3_server.endpoint_url, credentials=s3_server.credentials)
+    b = pickle.loads(pickle.dumps(a))
+    assert b._pafs is None  # clients never travel in the pickle
+    assert b._s3fs() is a._s3fs() and b.boto_client() is a.boto_client()
+    other = Storage("s3://share-check", endpoint_url=s3_server.endpoint_url, credentials=Credentials("someone", "else"))
+    assert other._s3fs() is not a._s3fs() and other.boto_client() is not a.boto_client()
+
+
 def test_server_starts_and_stops_cleanly(tmp_path):
     server = EmbeddedS3Server(tmp_path / "data")
     with server:
