@@ -1,10 +1,13 @@
-"""``deepcontent`` command line: one subcommand per stage, plus ``pipeline``.
+"""``deepcontent`` command line: one subcommand per stage, plus ``pipeline`` and ``nightly``.
 
 Every subcommand takes ``--config FILE`` (default: the embedded default, conf/local.yaml) and
 any number of ``key.path=value`` overrides, e.g.::
 
     deepcontent generate synth.songs=500 synth.audio_format=ogg
     deepcontent ingest --config conf/cluster.yaml spark.master=spark://head:7077
+
+``deepcontent submit STAGE --config FILE`` runs a stage on a cluster instead (spark-submit or
+``ray job submit``; see :mod:`deepcontent.submit`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,17 @@ class _Runtime:
     def __init__(self, cfg, storage) -> None:
         self.cfg, self.storage = cfg, storage
         self._spark = self._warehouse = None
+        self._ray_started = False
+
+    def ensure_ray(self) -> None:
+        """Start Ray once for every Ray stage of the command (stages keep a running session)."""
+        import ray
+
+        if not ray.is_initialized():
+            from deepcontent.engines.ray import init_ray
+
+            init_ray(self.cfg.ray)
+            self._ray_started = True
 
     @property
     def spark(self):
@@ -48,6 +62,10 @@ class _Runtime:
             self._spark.stop()
         if self._warehouse is not None:
             self._warehouse.close()
+        if self._ray_started:
+            import ray
+
+            ray.shutdown()
 
 
 def _ingest(cfg, storage, rt):
@@ -78,15 +96,27 @@ def _factorize(cfg, storage, rt):
 def _train(cfg, storage, rt):
     from deepcontent.train.stage import run_train
 
+    rt.ensure_ray()
     return run_train(cfg, storage)
+
+
+def _embed(cfg, storage, rt):
+    from deepcontent.embed.stage import run_embed
+
+    rt.ensure_ray()
+    return run_embed(cfg, storage, rt.warehouse)
+
+
+def _neighbors(cfg, storage, rt):
+    from deepcontent.embed.neighbors import run_neighbors
+
+    return run_neighbors(cfg, storage, rt.warehouse)
 
 
 # The stages in pipeline order.
 STAGES: dict[str, Callable] = {"ingest": _ingest, "spectrograms": _spectrograms, "matrices": _matrices,
-                               "factorize": _factorize}
-# Stages with a command of their own that `pipeline` does not run: training takes minutes even on
-# the demo catalog, so the pipeline stops at the factors and `deepcontent train` runs on them.
-COMMAND_STAGES: dict[str, Callable] = {**STAGES, "train": _train}
+                               "factorize": _factorize, "train": _train, "embed": _embed, "neighbors": _neighbors}
+COMMAND_STAGES: dict[str, Callable] = dict(STAGES)
 
 
 def _run(cfg, stages: list[str], *, generate_first: bool) -> dict:
@@ -124,6 +154,19 @@ def _cmd_pipeline(cfg, args) -> dict:
     return _run(cfg, list(STAGES), generate_first=not args.skip_generate)
 
 
+def _cmd_nightly(cfg, args) -> dict:
+    from deepcontent.engines.context import open_storage
+    from deepcontent.nightly import run_nightly
+
+    with open_storage(cfg) as storage:
+        rt = _Runtime(cfg, storage)
+        try:
+            runners = {name: (lambda fn=COMMAND_STAGES[name]: fn(cfg, storage, rt)) for name in cfg.nightly.stages}
+            return run_nightly(cfg, storage, runners)
+        finally:
+            rt.close()
+
+
 def _print_pipeline(result: dict) -> None:
     print("\ndeepcontent pipeline finished")
     g = result.get("generate")
@@ -152,6 +195,18 @@ def _print_pipeline(result: dict) -> None:
             print(f"  {stage:<9}: {'published' if st['published'] else 'nothing new'} {st['counts'] or ''}")
             for name, uri in st["outputs"].items():
                 print(f"    {name:<22} {uri}")
+    tr = result.get("train")
+    if tr:
+        m = tr.get("metrics") or {}
+        nmse = f"{m['valid_nmse']:.3f}" if m.get("valid_nmse") is not None else "-"
+        base = f", BoW-MFCC + linear {m['baseline_valid_nmse']:.3f}" if m.get("baseline_valid_nmse") is not None else ""
+        print(f"  train    : {'trained' if tr['published'] else 'already registered'} {tr.get('model_version')} "
+              f"(valid NMSE {nmse}{base}) -> {tr['outputs'].get('model')}")
+    for stage in ("embed", "neighbors"):
+        st = result.get(stage)
+        if st:
+            print(f"  {stage:<9}: {'committed' if st['published'] else 'nothing new'} {st['counts'] or ''} "
+                  f"-> Iceberg {st['outputs'].get('table')}")
     s = result["storage"]
     if s.get("served_from"):
         print(f"  the s3:// URIs above are files under {s['served_from']}/ (served by the embedded S3 server)")
@@ -164,6 +219,9 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "matrices": (_stage_command("matrices"), "Spark: plays and tags -> stable id maps, song splits, sparse matrices (COO + CSR)"),
     "factorize": (_stage_command("factorize"), "WMF / implicit ALS on the train split (implicit, or Spark MLlib by config) -> latent factors"),
     "train": (_stage_command("train"), "Ray Train: CNN from log-mel windows to item factors (DDP, checkpoints, early stopping) -> model registry"),
+    "embed": (_stage_command("embed"), "Ray Data: registered model over the spectrograms -> Iceberg embeddings (incremental, one commit per run)"),
+    "neighbors": (_stage_command("neighbors"), "top-k cosine neighbours over the embeddings -> Iceberg similar_tracks"),
+    "nightly": (_cmd_nightly, "ingest -> spectrograms -> embed -> neighbors for new or changed tracks with the production model; run summary"),
     "pipeline": (_cmd_pipeline, "run every stage in order on the configured catalog (generate first unless --skip-generate)"),
 }
 
@@ -190,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["submit"]:  # its own parser: a stage and cluster options (deepcontent.submit)
+        from deepcontent.submit import main as submit_main
+
+        return submit_main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
     try:

@@ -245,6 +245,50 @@ class TrainConfig(_Section):
     epoch_hook: str | None = None
 
 
+class EmbedConfig(_Section):
+    """The ``embed`` stage: Ray Data batch inference with a registered model over the
+    spectrogram shards -> one ``predicted_factors`` and one ``embedding`` vector per track.
+
+    Each actor loads the model once; ``use_gpu`` gives each actor one GPU (bf16 autocast under
+    ``precision=auto``), otherwise ``cpus_per_actor`` CPUs and ``threads_per_actor`` torch threads.
+    """
+
+    # None = the production model (models/production.json).
+    model_version: str | None = None
+    actors: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    threads_per_actor: int = Field(1, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Clips per actor call, and windows per forward pass inside it.
+    clips_per_batch: int = Field(32, ge=1)
+    windows_per_forward: int = Field(256, ge=1)
+    # Fail the run when more than this fraction of clips give non-finite outputs.
+    max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    # "module:function" called as fn(run_id=, staged=) after the actors wrote their files and
+    # before the commit; a hook for fault-injection tests, None in production.
+    before_commit_hook: str | None = None
+
+
+class NeighborsConfig(_Section):
+    """The ``neighbors`` stage: top-k cosine neighbours per track over one model version's vectors."""
+
+    k: int = Field(10, ge=1)
+    # Which vector defines similarity: the predicted WMF factors (listening-behaviour space, as
+    # in the papers' neighbour tables) or the penultimate-layer embedding.
+    vector: Literal["predicted_factors", "embedding"] = "predicted_factors"
+    # Query rows per blocked matrix product (memory is block_rows × n_tracks floats).
+    block_rows: int = Field(2048, ge=1)
+
+
+class NightlyConfig(_Section):
+    """The ``nightly`` job: ingest -> spectrograms -> embed -> neighbors for what changed."""
+
+    # Stages the nightly run covers, in order (a subset of the four above).
+    stages: tuple[Literal["ingest", "spectrograms", "embed", "neighbors"], ...] = (
+        "ingest", "spectrograms", "embed", "neighbors")
+
+
 class Config(_Section):
     run_name: str = "deepcontent"
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -258,6 +302,9 @@ class Config(_Section):
     matrices: MatricesConfig = Field(default_factory=MatricesConfig)
     factorize: FactorizeConfig = Field(default_factory=FactorizeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    neighbors: NeighborsConfig = Field(default_factory=NeighborsConfig)
+    nightly: NightlyConfig = Field(default_factory=NightlyConfig)
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none), secrets excluded.

@@ -51,6 +51,9 @@ STAGE = "spectrograms"
 SPECTROGRAMS = "features/spectrograms"
 AUDIO_INDEX = "features/audio_index"
 QUARANTINE = "quarantine/spectrograms"
+#: Clips per Parquet row group in a shard (~2.6 MB for 30 s clips): readers downstream (training
+#: ingest, embed) can split a shard between several tasks by row group.
+SHARD_ROW_GROUP = 8
 
 SPECTROGRAM_SCHEMA = pa.schema([
     ("track_id", pa.string()), ("audio_sha256", pa.string()), ("sample_rate", pa.int32()),
@@ -171,7 +174,8 @@ def _spectrogram_task(storage: Storage, cfg: SpectrogramConfig, run_id: str, inp
                 shard = None
                 if rows:
                     shard = join(storage.staging_uri(storage.uri(SPECTROGRAMS), run_id), f"part-{task:05d}.parquet")
-                    storage.write_parquet(pa.Table.from_pylist(rows, schema=SPECTROGRAM_SCHEMA), shard, compression="none")
+                    storage.write_parquet(pa.Table.from_pylist(rows, schema=SPECTROGRAM_SCHEMA), shard, compression="none",
+                                          row_group_size=SHARD_ROW_GROUP)
                     for e in index:
                         if e["status"] == "ok":
                             e["shard"] = shard
@@ -326,7 +330,7 @@ def _rewrite_superseded(storage: Storage, run_id: str, index: pa.Table, results:
         if keep.num_rows:
             name = shard.rsplit("/", 1)[1].replace(".parquet", f"-rw-{run_id[-8:]}.parquet")
             new = join(storage.staging_uri(dataset, run_id), name)
-            storage.write_parquet(keep, new, compression="none")
+            storage.write_parquet(keep, new, compression="none", row_group_size=SHARD_ROW_GROUP)
             out.append(new)
             rewritten[shard] = new
     return out, rewritten

@@ -406,10 +406,11 @@ class Storage:
         return self.delete(o.uri for o in self.list(prefix_uri))
 
     # ----------------------------------------------------------------- parquet
-    def write_parquet(self, table: pa.Table, uri: str, *, compression: str = "zstd") -> int:
-        """Write one Parquet file; returns its row count."""
+    def write_parquet(self, table: pa.Table, uri: str, *, compression: str = "zstd", row_group_size: int | None = None) -> int:
+        """Write one Parquet file (row groups of ``row_group_size`` rows, default one per
+        ~1M rows); returns its row count."""
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression=compression)
+        pq.write_table(table, buf, compression=compression, row_group_size=row_group_size)
         self.write_bytes(uri, buf.getvalue())
         return table.num_rows
 

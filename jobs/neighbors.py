@@ -1,0 +1,11 @@
+"""Entry point for the neighbors stage (top-k cosine neighbours -> Iceberg `similar_tracks`).
+
+    python jobs/neighbors.py --config conf/cluster.yaml neighbors.k=50
+"""
+
+import sys
+
+from deepcontent.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["neighbors", *sys.argv[1:]]))

@@ -1,0 +1,155 @@
+"""The whole product as a user runs it: ``deepcontent pipeline`` on the embedded default (S3
+server, Spark, Ray, Iceberg in SQLite), then ``nightly`` re-runs, new tracks, and an embed run
+killed before its commit. Everything goes through the CLI in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from deepcontent.config import load_config
+
+CLI = [sys.executable, "-m", "deepcontent.cli"]
+# Small but complete: train two quick epochs so that a model is registered.
+SETTINGS = ["synth.songs=60", "synth.users=600", "synth.clip_seconds=5", "synth.audio_format=wav",
+            "synth.gtzan_per_genre=0", "synth.mtat_clips=0", "spark.master=local[2]", "factorize.factors=8",
+            "train.epochs=2", "train.batch_size=16", "neighbors.k=5"]
+
+
+def cli(args, cwd, timeout=900):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
+    out = subprocess.run(CLI + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return out
+
+
+def last_json(out):
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@contextmanager
+def warehouse(workdir: Path):
+    """The embedded default's Iceberg catalog, opened the way the CLI opens it."""
+    from deepcontent.engines.s3server import EmbeddedS3Server
+    from deepcontent.storage import Storage
+    from deepcontent.warehouse import Warehouse
+
+    cfg = load_config(None, environ={})
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        with EmbeddedS3Server(workdir / ".deepcontent" / "s3") as server:
+            storage = Storage("s3://deepcontent", endpoint_url=server.endpoint_url, credentials=server.credentials)
+            with Warehouse.from_config(cfg.warehouse, storage) as wh:
+                yield wh
+    finally:
+        os.chdir(cwd)
+
+
+def add_tracks(workdir: Path, n: int, *, tag: str) -> list[str]:
+    """Put ``n`` new tracks in the raw catalog as a label would: audio files in the MSD-style
+    folders and lines appended to unique_tracks.txt."""
+    from deepcontent.synth.attributes import GENRES, sample_attributes
+    from deepcontent.synth.audio import encode_audio, render_clip
+
+    raw = workdir / ".deepcontent" / "s3" / "deepcontent" / "raw"
+    rng = np.random.default_rng(len(tag))
+    ids, lines = [], []
+    for i in range(n):
+        track_id = f"TRZZZ{tag}{i:08d}"[:18]
+        audio = render_clip(sample_attributes(GENRES[i % len(GENRES)], rng), seconds=5.0, sample_rate=44100, seed=1000 + i)
+        path = raw / "audio" / track_id[2] / track_id[3] / track_id[4] / f"{track_id}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_audio(audio, sample_rate=44100, fmt="wav"))
+        lines.append(f"{track_id}<SEP>SOZZZ{tag}{i:08d}<SEP>New Artist {tag}<SEP>New Song {i}\n")
+        ids.append(track_id)
+    with open(raw / "msd" / "unique_tracks.txt", "a") as f:
+        f.writelines(lines)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    result = last_json(cli(["pipeline", "--json", *SETTINGS], workdir))
+    return workdir, result
+
+
+def test_pipeline_publishes_one_embedding_and_k_neighbours_per_track(demo):
+    workdir, result = demo
+    tracks = result["spectrograms"]["counts"]["computed"]
+    version = result["train"]["model_version"]
+    assert result["embed"]["published"] and result["embed"]["counts"]["embedded"] == tracks
+    with warehouse(workdir) as wh:
+        emb = wh.read("embeddings")
+        assert emb.num_rows == tracks and len(set(emb["track_id"].to_pylist())) == tracks
+        assert set(emb["model_version"].to_pylist()) == {version}
+        assert set(emb["track_id"].to_pylist()) == set(wh.read("tracks")["track_id"].to_pylist())
+        factors = np.array(emb["predicted_factors"].to_pylist())
+        assert factors.shape == (tracks, 8) and np.isfinite(factors).all()
+        assert len(emb["embedding"][0]) == 400  # the paper CNN's penultimate layer
+        sim = wh.read("similar_tracks")
+        assert sim.num_rows == tracks * 5
+        per_track = sim.group_by("track_id").aggregate([("rank", "count"), ("rank", "max")])
+        assert set(per_track["rank_count"].to_pylist()) == {5} and set(per_track["rank_max"].to_pylist()) == {5}
+        assert not pc.any(pc.equal(sim["track_id"], sim["neighbor_track_id"])).as_py()
+
+
+def test_nightly_rerun_publishes_nothing_and_new_tracks_are_embedded_exactly_once(demo):
+    workdir, _ = demo
+    with warehouse(workdir) as wh:
+        before = {t: wh.snapshot_count(t) for t in ("embeddings", "similar_tracks", "tracks")}
+        rows_before = wh.read("embeddings").num_rows
+    summary = last_json(cli(["nightly", "--json", *SETTINGS], workdir))
+    assert summary["status"] == "succeeded" and summary["published"] == [], summary
+    assert summary["new"] == 0 and summary["changed"] == 0
+    with warehouse(workdir) as wh:
+        assert {t: wh.snapshot_count(t) for t in before} == before
+        assert wh.read("embeddings").num_rows == rows_before
+
+    new_ids = add_tracks(workdir, 5, tag="N")
+    summary = last_json(cli(["nightly", "--json", *SETTINGS], workdir))
+    assert summary["new"] == 5 and summary["changed"] == 0, summary
+    assert summary["stages"]["spectrograms"]["counts"]["computed"] == 5
+    assert {"ingest", "spectrograms", "embed", "neighbors"} <= set(summary["published"])
+    stored = json.loads((workdir / ".deepcontent" / "s3" / "deepcontent" /
+                         summary["summary_uri"].split("s3://deepcontent/", 1)[1]).read_text())
+    assert stored["summary"]["new"] == 5 and stored["status"] == "succeeded"
+    with warehouse(workdir) as wh:
+        emb = wh.read("embeddings")
+        assert emb.num_rows == rows_before + 5 and set(new_ids) <= set(emb["track_id"].to_pylist())
+        assert wh.snapshot_count("embeddings") == before["embeddings"] + 1  # one commit for the run
+        sim = wh.read("similar_tracks")
+        assert set(new_ids) <= set(sim["track_id"].to_pylist())
+
+
+def test_embed_killed_before_its_commit_changes_nothing_and_the_rerun_completes(demo):
+    workdir, _ = demo
+    new_ids = add_tracks(workdir, 3, tag="K")
+    for stage in ("ingest", "spectrograms"):
+        last_json(cli([stage, "--json", *SETTINGS], workdir))
+    with warehouse(workdir) as wh:
+        snaps, rows = wh.snapshot_count("embeddings"), wh.read("embeddings").num_rows
+    killed = cli(["embed", "--json", *SETTINGS, "embed.before_commit_hook=embed_faults:kill_before_commit"], workdir)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    staging = workdir / ".deepcontent" / "s3" / "deepcontent" / "embeddings" / "staging"
+    assert any(staging.rglob("*.parquet"))  # the actors had written their files
+    with warehouse(workdir) as wh:
+        assert wh.snapshot_count("embeddings") == snaps and wh.read("embeddings").num_rows == rows
+
+    result = last_json(cli(["embed", "--json", *SETTINGS], workdir))
+    assert result["published"] and result["counts"]["embedded"] == 3
+    with warehouse(workdir) as wh:
+        emb = wh.read("embeddings")
+        ids = emb["track_id"].to_pylist()
+        assert emb.num_rows == rows + 3 and len(ids) == len(set(ids)) and set(new_ids) <= set(ids)
+        assert wh.snapshot_count("embeddings") == snaps + 1
+    assert not any(staging.rglob("*.parquet"))  # the killed run's files were swept
