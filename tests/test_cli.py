@@ -38,7 +38,8 @@ def test_ingest_without_inputs_names_the_missing_file(tmp_path):
 
 def test_pipeline_on_the_embedded_default_end_to_end(tmp_path):
     """The README's main job, shrunk: real S3 server, Spark, Iceberg in SQLite, all from config."""
-    args = ["pipeline", "--json", "synth.songs=30", "synth.users=300", "synth.clip_seconds=3",
+    # The stages after factorize have their own end-to-end test (tests/embed/test_embed_pipeline.py).
+    args = ["pipeline", "--json", "--stop-after", "factorize", "synth.songs=30", "synth.users=300", "synth.clip_seconds=3",
             "synth.gtzan_per_genre=1", "synth.mtat_clips=4", "spark.master=local[2]"]
     out = run(args, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

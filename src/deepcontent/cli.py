@@ -113,9 +113,16 @@ def _neighbors(cfg, storage, rt):
     return run_neighbors(cfg, storage, rt.warehouse)
 
 
+def _evaluate(cfg, storage, rt):
+    from deepcontent.evaluate.stage import run_evaluate
+
+    return run_evaluate(cfg, storage, rt)
+
+
 # The stages in pipeline order.
 STAGES: dict[str, Callable] = {"ingest": _ingest, "spectrograms": _spectrograms, "matrices": _matrices,
-                               "factorize": _factorize, "train": _train, "embed": _embed, "neighbors": _neighbors}
+                               "factorize": _factorize, "train": _train, "embed": _embed, "neighbors": _neighbors,
+                               "evaluate": _evaluate}
 COMMAND_STAGES: dict[str, Callable] = dict(STAGES)
 
 
@@ -151,7 +158,24 @@ def _stage_command(name: str) -> Callable:
 
 
 def _cmd_pipeline(cfg, args) -> dict:
-    return _run(cfg, list(STAGES), generate_first=not args.skip_generate)
+    names = list(STAGES)
+    if args.stop_after:
+        names = names[: names.index(args.stop_after) + 1]
+    out = _run(cfg, names, generate_first=not args.skip_generate)
+    if "evaluate" in out:
+        out["cold_start"] = out["evaluate"]["cold_start"]
+    return out
+
+
+def _results_table(cold_start: dict) -> list[str]:
+    """The cold-start metrics as fixed-width lines, one per method."""
+    if not cold_start:
+        return []
+    keys = [k for k in next(iter(cold_start.values())) if k not in ("n_users", "n_skipped")]
+    lines = [f"    {'method':<14}" + "".join(f"{k:>10}" for k in keys)]
+    for method, m in cold_start.items():
+        lines.append(f"    {method:<14}" + "".join(f"{m[k]:>10.4f}" for k in keys))
+    return lines
 
 
 def _cmd_nightly(cfg, args) -> dict:
@@ -207,6 +231,16 @@ def _print_pipeline(result: dict) -> None:
         if st:
             print(f"  {stage:<9}: {'committed' if st['published'] else 'nothing new'} {st['counts'] or ''} "
                   f"-> Iceberg {st['outputs'].get('table')}")
+    ev = result.get("evaluate")
+    if ev:
+        print("  evaluate : cold-start recommendation on the test songs (no test plays used except by upper_bound)")
+        for line in _results_table(ev["cold_start"]):
+            print(line)
+        gtzan = (ev.get("transfer") or {}).get("gtzan") or {}
+        for name, r in gtzan.items():
+            if isinstance(r, dict) and "mean" in r:
+                print(f"    GTZAN-layout 10-fold accuracy, {name:<22} {r['mean']:.3f} ± {r['std']:.3f}")
+        print(f"    report               {ev['report']}")
     s = result["storage"]
     if s.get("served_from"):
         print(f"  the s3:// URIs above are files under {s['served_from']}/ (served by the embedded S3 server)")
@@ -221,6 +255,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "train": (_stage_command("train"), "Ray Train: CNN from log-mel windows to item factors (DDP, checkpoints, early stopping) -> model registry"),
     "embed": (_stage_command("embed"), "Ray Data: registered model over the spectrograms -> Iceberg embeddings (incremental, one commit per run)"),
     "neighbors": (_stage_command("neighbors"), "top-k cosine neighbours over the embeddings -> Iceberg similar_tracks"),
+    "evaluate": (_stage_command("evaluate"), "cold-start metrics (mAP@500, AUC, NDCG@10, recall@50) per method, transfer to GTZAN, HTML report"),
     "nightly": (_cmd_nightly, "ingest -> spectrograms -> embed -> neighbors for new or changed tracks with the production model; run summary"),
     "pipeline": (_cmd_pipeline, "run every stage in order on the configured catalog (generate first unless --skip-generate)"),
 }
@@ -243,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")
         if name == "pipeline":
             p.add_argument("--skip-generate", action="store_true", help="use the catalog already in storage")
+            p.add_argument("--stop-after", choices=list(STAGES), default=None, metavar="STAGE",
+                           help=f"stop after this stage (one of: {', '.join(STAGES)})")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return parser
 

@@ -289,6 +289,32 @@ class NightlyConfig(_Section):
         "ingest", "spectrograms", "embed", "neighbors")
 
 
+class EvaluateConfig(_Section):
+    """The ``evaluate`` stage: the papers' cold-start protocol on the test songs, source-task
+    NMSE, transfer to the GTZAN-layout set, and the HTML report."""
+
+    # Methods in display order. CNN variants train (or reuse) a registered model of their own
+    # without promoting it: cnn_mse / cnn_wpe = the paper CNN with that loss, deep_cnn = the
+    # deeper CNN (MSE).
+    methods: tuple[Literal["random", "bow_linear", "bow_mlp", "kmeans_linear", "cnn_mse", "cnn_wpe",
+                           "deep_cnn", "upper_bound"], ...] = (
+        "random", "bow_linear", "bow_mlp", "kmeans_linear", "cnn_mse", "cnn_wpe", "upper_bound")
+    map_k: int = Field(500, ge=1)
+    ndcg_k: int = Field(10, ge=1)
+    recall_k: int = Field(50, ge=1)
+    # Spherical K-means dictionary size (the paper's 2,048 needs far more clips than a demo has).
+    kmeans_centroids: int = Field(2048, ge=2)
+    mlp_epochs: int = Field(30, ge=1)
+    # Transfer: 10-fold nested-CV linear SVM accuracy on the GTZAN-layout folder, CNN features
+    # vs spherical K-means features.
+    transfer: bool = True
+    transfer_folds: int = Field(10, ge=2)
+    seed: int = 0
+    # Where a copy of metrics.json and report.html goes on the local disk (also written to
+    # <root>/evaluate/<run_id>/ in object storage).
+    report_dir: str = ".deepcontent/report"
+
+
 class Config(_Section):
     run_name: str = "deepcontent"
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -305,6 +331,7 @@ class Config(_Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     neighbors: NeighborsConfig = Field(default_factory=NeighborsConfig)
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none), secrets excluded.

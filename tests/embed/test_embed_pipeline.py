@@ -21,7 +21,9 @@ CLI = [sys.executable, "-m", "deepcontent.cli"]
 # Small but complete: train two quick epochs so that a model is registered.
 SETTINGS = ["synth.songs=60", "synth.users=600", "synth.clip_seconds=5", "synth.audio_format=wav",
             "synth.gtzan_per_genre=0", "synth.mtat_clips=0", "spark.master=local[2]", "factorize.factors=8",
-            "train.epochs=2", "train.batch_size=16", "neighbors.k=5"]
+            "train.epochs=2", "train.batch_size=16", "neighbors.k=5", "evaluate.mlp_epochs=5",
+            "evaluate.kmeans_centroids=16"]
+COLD_START_METHODS = ("random", "bow_linear", "bow_mlp", "kmeans_linear", "cnn_mse", "cnn_wpe", "upper_bound")
 
 
 def cli(args, cwd, timeout=900):
@@ -101,6 +103,25 @@ def test_pipeline_publishes_one_embedding_and_k_neighbours_per_track(demo):
         per_track = sim.group_by("track_id").aggregate([("rank", "count"), ("rank", "max")])
         assert set(per_track["rank_count"].to_pylist()) == {5} and set(per_track["rank_max"].to_pylist()) == {5}
         assert not pc.any(pc.equal(sim["track_id"], sim["neighbor_track_id"])).as_py()
+
+
+def test_pipeline_ends_with_the_cold_start_evaluation_and_a_report(demo):
+    workdir, result = demo
+    cold = result["cold_start"]
+    assert tuple(cold) == COLD_START_METHODS
+    for method, m in cold.items():
+        assert {"map500", "auc", "ndcg10", "recall50"} <= set(m), method
+        assert all(0.0 <= m[k] <= 1.0 for k in ("map500", "auc", "ndcg10", "recall50")), (method, m)
+    # the upper bound sees the test plays; nothing else may come close to it on this catalog
+    assert cold["upper_bound"]["auc"] > max(m["auc"] for k, m in cold.items() if k != "upper_bound")
+    report = Path(result["evaluate"]["report"])
+    html = report.read_text()
+    assert report.parent == workdir / ".deepcontent" / "report" and html.count("<figure") >= 3
+    assert json.loads((report.parent / "metrics.json").read_text())["cold_start"] == cold
+    # the evaluation variants were registered without replacing the production model
+    prod = json.loads((workdir / ".deepcontent" / "s3" / "deepcontent" / "models" / "production.json").read_text())
+    assert prod["model_version"] == result["train"]["model_version"]
+    assert result["evaluate"]["source"]["cnn_wpe"]["model_version"] != prod["model_version"]
 
 
 def test_nightly_rerun_publishes_nothing_and_new_tracks_are_embedded_exactly_once(demo):

@@ -67,11 +67,13 @@ def registered(storage: Storage, version: str) -> dict | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def register(storage: Storage, *, version: str, artifact: dict[str, Any], metadata: dict[str, Any]) -> dict:
-    """Write ``model.pt``, then ``model.json``, then point ``models/production.json`` at it.
+def register(storage: Storage, *, version: str, artifact: dict[str, Any], metadata: dict[str, Any],
+             promote: bool = True) -> dict:
+    """Write ``model.pt``, then ``model.json``, then (``promote``) point ``models/production.json`` at it.
 
-    Returns the new production pointer. A crash between the writes leaves at most an
-    unregistered ``model.pt`` that the next run overwrites."""
+    Returns the version's pointer (the new production pointer when promoted). A crash between
+    the writes leaves at most an unregistered ``model.pt`` that the next run overwrites.
+    Evaluation variants (another loss, another architecture) register without promotion."""
     buf = io.BytesIO()
     torch.save(artifact, buf)
     model_uri = version_uri(storage, version, "model.pt")
@@ -81,8 +83,9 @@ def register(storage: Storage, *, version: str, artifact: dict[str, Any], metada
     pointer = {"model_version": version, "model_uri": model_uri, "metadata_uri": meta_uri,
                "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "valid_nmse": metadata.get("metrics", {}).get("valid_nmse")}
-    storage.write_json(join(storage.uri(MODELS), "_history", f"{int(time.time() * 1000):015d}-{safe_key(version)}.json"), pointer)
-    storage.write_json(storage.uri(PRODUCTION), pointer)
+    if promote:
+        storage.write_json(join(storage.uri(MODELS), "_history", f"{int(time.time() * 1000):015d}-{safe_key(version)}.json"), pointer)
+        storage.write_json(storage.uri(PRODUCTION), pointer)
     return pointer
 
 

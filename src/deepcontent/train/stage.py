@@ -139,9 +139,11 @@ def _final_state(result) -> dict:
         return torch.load(f"{d}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=True)
 
 
-def run_train(cfg: Config, storage: Storage) -> TrainResult:
+def run_train(cfg: Config, storage: Storage, *, promote: bool = True) -> TrainResult:
     """Run the stage; see the module docstring. Starts Ray (``init_ray(cfg.ray)``) when it is
-    not running and shuts it down again afterwards; a Ray session the caller started is kept."""
+    not running and shuts it down again afterwards; a Ray session the caller started is kept.
+    ``promote=False`` registers the model without making it the production model (the
+    evaluation stage's model variants)."""
     tc = cfg.train
     backend = resolve_backend(tc)
     data = build_targets(storage)
@@ -223,7 +225,7 @@ def run_train(cfg: Config, storage: Storage) -> TrainResult:
             "manifest": manifest_uri, "checkpoints": outputs["checkpoints"],
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        register(storage, version=version, artifact=artifact, metadata=metadata)
+        register(storage, version=version, artifact=artifact, metadata=metadata, promote=promote)
 
     manifest.counts = {**data.counts, "epochs": len(history), "steps_per_epoch": steps}
     manifest.outputs = outputs

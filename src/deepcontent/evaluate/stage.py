@@ -1,0 +1,367 @@
+"""Stage ``evaluate``: the papers' cold-start experiment, source-task NMSE, transfer, report.
+
+The protocol (``ARCHITECTURE.md``): WMF was fitted on users × **train songs** only (user
+factors X); every method predicts factors y′ for the **test songs** from their audio alone, and
+users are ranked over the test songs by s_ui = x_u·y′_i against who actually played them
+(``user_items_test``). No test song's plays reach factorisation, training or model selection;
+the only method that sees them is the ``upper_bound``: test-song factors folded in from their
+own plays with X fixed.
+
+Methods (``evaluate.methods``):
+
+``random``          scores from a seeded standard normal y′.
+``bow_linear``      BoW-MFCC (vocabulary size and ridge penalty chosen on valid) + linear regression.
+``bow_mlp``         the same features + an MLP with 1,000 ReLU units.
+``kmeans_linear``   spherical K-means features + linear regression (penalty chosen on valid).
+``cnn_mse``/``cnn_wpe``/``deep_cnn``
+                    a registered CNN (paper CNN with MSE or WPE loss, deeper CNN), trained by the
+                    train stage if that configuration was never trained (registered without
+                    becoming the production model); clip predictions are window averages.
+``upper_bound``     fold-in from the test plays.
+
+Also: validation NMSE per regressor (source task), 10-fold nested-CV linear-SVM accuracy on
+the GTZAN-layout folder with CNN features (predicted factors, penultimate layer) vs spherical
+K-means features, and a self-contained HTML report. Outputs go to
+``<root>/evaluate/<run_id>/{metrics.json,report.html}`` and a copy to ``evaluate.report_dir``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+
+from deepcontent.config import Config
+from deepcontent.evaluate.metrics import cold_start_metrics
+from deepcontent.factorize.foldin import fold_in
+from deepcontent.factorize.stage import factors_dataset, factors_matrix
+from deepcontent.ingest import TAGS, TRACKS
+from deepcontent.manifest import RunManifest, StageResult, log
+from deepcontent.matrices import EXPORTS, ITEM_INDEX, SPLITS, USER_INDEX, load_csr
+from deepcontent.spectrograms import read_spectrograms
+from deepcontent.storage import Storage, join, new_run_id
+
+__all__ = ["STAGE", "EvaluateResult", "run_evaluate"]
+
+STAGE = "evaluate"
+L2_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0)
+CNN_VARIANTS = {"cnn_mse": {"model": "paper_cnn", "loss": "mse"}, "cnn_wpe": {"model": "paper_cnn", "loss": "wpe"},
+                "deep_cnn": {"model": "deep_cnn", "loss": "mse"}}
+
+
+class EvaluateResult(StageResult):
+    """:class:`StageResult` plus the metrics (``cold_start`` per method, ``source``, ``transfer``)."""
+
+    def __init__(self, *args, metrics: dict | None = None, report: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.metrics = metrics or {}
+        self.report = report
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "cold_start": self.metrics.get("cold_start", {}),
+                "source": self.metrics.get("source", {}), "transfer": self.metrics.get("transfer", {}),
+                "report": self.report}
+
+
+# ----------------------------------------------------------------------------- inputs
+def _mels(table: pa.Table) -> list[np.ndarray]:
+    return [np.frombuffer(m, np.float16).reshape(a, b).astype(np.float32)
+            for m, a, b in zip(table["mel"].to_pylist(), table["n_mels"].to_pylist(), table["n_frames"].to_pylist())]
+
+
+class _Split:
+    """Users, test songs and their clips, loaded once for every method."""
+
+    def __init__(self, storage: Storage) -> None:
+        from deepcontent.train.data import build_targets, list_matrix
+
+        exports = storage.published(storage.uri(EXPORTS))
+        if exports is None:
+            raise FileNotFoundError(f"evaluate needs the matrices at {storage.uri(EXPORTS)}; run the pipeline first")
+        files = {f.rsplit("/", 1)[1]: join(storage.uri(EXPORTS), f) for f in exports["files"]}
+        self.train_plays = load_csr(storage, files["user_items_train.npz"])
+        test_plays = load_csr(storage, files["user_items_test.npz"])
+        n_users = test_plays.shape[0]
+        # X: the WMF user factors, by user index (users without train plays have none: left out)
+        users = storage.read_dataset(storage.uri(factors_dataset("plays", "user_factors")))
+        index = storage.read_dataset(storage.uri(USER_INDEX))
+        rows = pc.take(index["idx"], pc.index_in(users["user_id"], value_set=index["user_id"])).to_numpy(zero_copy_only=False)
+        self.user_factors = np.zeros((n_users, factors_matrix(users).shape[1]), np.float32)
+        self.user_factors[rows.astype(np.int64)] = factors_matrix(users)
+        self.has_factors = np.zeros(n_users, bool)
+        self.has_factors[rows.astype(np.int64)] = True
+
+        # test songs: split == test, at least one test play, and a track with a spectrogram
+        items = storage.read_dataset(storage.uri(ITEM_INDEX))
+        splits = storage.read_dataset(storage.uri(SPLITS))
+        split_of = dict(zip(splits["song_id"].to_pylist(), splits["split"].to_pylist()))
+        tracks = storage.read_dataset(storage.uri(TRACKS), columns=["track_id", "song_id", "artist", "title"])
+        spec = read_spectrograms(storage, columns=["track_id", "n_mels", "n_frames", "mel"])
+        has_spec = set(spec["track_id"].to_pylist())
+        track_of: dict[str, str] = {}
+        self.names: dict[str, str] = {}
+        for t, s, a, ti in zip(*(tracks[c].to_pylist() for c in ("track_id", "song_id", "artist", "title"))):
+            if t in has_spec and s not in track_of:
+                track_of[s] = t
+            self.names[t] = f"{a} – {ti}"
+        played = np.diff(test_plays.tocsc().indptr) > 0
+        song_ids, idx = items["song_id"].to_pylist(), items["idx"].to_pylist()
+        test = [(i, s) for s, i in zip(song_ids, idx) if split_of.get(s) == "test" and i < len(played) and played[i]
+                and s in track_of]
+        self.dropped_test_songs = sum(1 for s in song_ids if split_of.get(s) == "test") - len(test)
+        self.test_cols = np.array([i for i, _ in test], np.int64)
+        self.test_tracks = [track_of[s] for _, s in test]
+        self.test_plays = test_plays[:, self.test_cols].tocsr()
+        self.eval_users = np.flatnonzero(self.has_factors & (np.diff(self.test_plays.indptr) > 0))
+        by_track = {t: i for i, t in enumerate(spec["track_id"].to_pylist())}
+        self.test_mels = _mels(spec.take(pa.array([by_track[t] for t in self.test_tracks], pa.int64())))
+
+        # train / valid regressor data (the train stage's own split and standardisation)
+        self.data = build_targets(storage)
+        self.train_mels = _mels(spec.take(pa.array([by_track[t] for t in self.data.train["track_id"].to_pylist()], pa.int64())))
+        self.valid_mels = _mels(spec.take(pa.array([by_track[t] for t in self.data.valid["track_id"].to_pylist()], pa.int64())))
+        self.y_train = list_matrix(self.data.train["target"])
+        self.y_valid = list_matrix(self.data.valid["target"])
+
+    def raw(self, z: np.ndarray) -> np.ndarray:
+        """Standardised predictions -> WMF units."""
+        return (z * self.data.target_std + self.data.target_mean).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- methods
+def _nmse(pred: np.ndarray, target: np.ndarray) -> float:
+    return float(np.mean((pred - target) ** 2) / target.var(axis=0).mean())
+
+
+def _linear_on_valid(x_train, y_train, x_valid, y_valid):
+    from deepcontent.models.baselines import fit_linear
+
+    scores = {l2: _nmse(fit_linear(x_train, y_train, l2=l2).predict(x_valid), y_valid) for l2 in L2_GRID}
+    best = min(scores, key=scores.get)
+    return fit_linear(x_train, y_train, l2=best), scores[best], best
+
+
+def _bow(cfg: Config, s: _Split, cache: dict) -> tuple:
+    """BoW features for train / valid / test with the vocabulary size (of ``train.baseline_words``)
+    whose linear model does best on valid, as the train stage's baseline chooses it."""
+    if "bow" not in cache:
+        from deepcontent.models.baselines import BagOfWords
+
+        max_words = max(2, sum(m.shape[1] for m in s.train_mels) // 4)
+        best = None
+        for words in sorted({min(int(w), max_words) for w in cfg.train.baseline_words}):
+            bow = BagOfWords(words, compression=cfg.spectrograms.compression, seed=cfg.evaluate.seed).fit(s.train_mels)
+            x_tr, x_va = bow.transform(s.train_mels), bow.transform(s.valid_mels)
+            _, nmse, _ = _linear_on_valid(x_tr, s.y_train, x_va, s.y_valid)
+            if best is None or nmse < best[0]:
+                best = (nmse, words, bow, x_tr, x_va)
+        _, words, bow, x_tr, x_va = best
+        cache["bow"] = (x_tr, x_va, bow.transform(s.test_mels), words)
+    return cache["bow"]
+
+
+def _method_bow_linear(cfg, s, cache, rt):
+    x_tr, x_va, x_te, words = _bow(cfg, s, cache)
+    model, nmse, l2 = _linear_on_valid(x_tr, s.y_train, x_va, s.y_valid)
+    return s.raw(model.predict(x_te)), {"valid_nmse": nmse, "l2": l2, "words": words}
+
+
+def _method_bow_mlp(cfg, s, cache, rt):
+    from deepcontent.models.baselines import fit_mlp
+
+    x_tr, x_va, x_te, _ = _bow(cfg, s, cache)
+    model = fit_mlp(x_tr, s.y_train, hidden=1000, epochs=cfg.evaluate.mlp_epochs, weight_decay=1e-4, dropout=0.5,
+                    seed=cfg.evaluate.seed)
+    return s.raw(model.predict(x_te)), {"valid_nmse": _nmse(model.predict(x_va), s.y_valid)}
+
+
+def _kmeans(cfg: Config, s: _Split, cache: dict):
+    if "kmeans" not in cache:
+        from deepcontent.models.baselines import SphericalKMeansFeatures
+
+        frames = sum(m.shape[1] for m in s.train_mels)
+        k = max(2, min(cfg.evaluate.kmeans_centroids, frames // 8))
+        km = SphericalKMeansFeatures(k, seed=cfg.evaluate.seed).fit(s.train_mels)
+        cache["kmeans"] = km
+    return cache["kmeans"]
+
+
+def _method_kmeans_linear(cfg, s, cache, rt):
+    km = _kmeans(cfg, s, cache)
+    x_tr, x_va, x_te = km.transform(s.train_mels), km.transform(s.valid_mels), km.transform(s.test_mels)
+    model, nmse, l2 = _linear_on_valid(x_tr, s.y_train, x_va, s.y_valid)
+    return s.raw(model.predict(x_te)), {"valid_nmse": nmse, "l2": l2, "centroids": km.n_centroids}
+
+
+def _cnn(name: str):
+    def method(cfg, s, cache, rt):
+        from deepcontent.embed.pooling import clip_outputs
+        from deepcontent.train.registry import load_model, registered
+        from deepcontent.train.stage import run_train
+
+        variant = cfg.model_copy(deep=True)
+        for key, value in CNN_VARIANTS[name].items():
+            setattr(variant.train, key, value)
+        rt.ensure_ray()
+        result = run_train(variant, rt.storage, promote=False)
+        model, artifact = load_model(rt.storage, result.model_version)
+        kw = dict(n_frames=artifact["window_frames"], target_mean=artifact["target_mean"], target_std=artifact["target_std"])
+        pred, emb = clip_outputs(model, s.test_mels, **kw)
+        cache.setdefault("cnn_models", {})[name] = (model, kw, result.model_version)
+        cache.setdefault("test_embeddings", {})[name] = (pred, emb)
+        meta = registered(rt.storage, result.model_version) or {}
+        curve = meta.get("curve", [])
+        cache.setdefault("curves", {})[name] = {"epoch": [h["epoch"] for h in curve],
+                                                 "train_loss": [h["train_loss"] for h in curve],
+                                                 "valid_nmse": [h["valid_nmse"] for h in curve]}
+        return pred, {"valid_nmse": result.metrics.get("valid_nmse"), "model_version": result.model_version}
+
+    return method
+
+
+def _method_random(cfg, s, cache, rt):
+    rng = np.random.default_rng(cfg.evaluate.seed)
+    return rng.standard_normal((len(s.test_tracks), s.user_factors.shape[1])).astype(np.float32), {}
+
+
+def _method_upper_bound(cfg, s, cache, rt):
+    fc = cfg.factorize
+    item_users = sp.csr_matrix(s.test_plays.T)
+    return fold_in(item_users, s.user_factors, alpha=fc.alpha, eps=fc.eps, regularization=fc.regularization), {}
+
+
+METHODS: dict[str, Callable] = {
+    "random": _method_random, "bow_linear": _method_bow_linear, "bow_mlp": _method_bow_mlp,
+    "kmeans_linear": _method_kmeans_linear, "cnn_mse": _cnn("cnn_mse"), "cnn_wpe": _cnn("cnn_wpe"),
+    "deep_cnn": _cnn("deep_cnn"), "upper_bound": _method_upper_bound,
+}
+
+
+# ----------------------------------------------------------------------------- transfer
+def _gtzan(cfg: Config, storage: Storage) -> tuple[list[np.ndarray], list[str]]:
+    from deepcontent.audio.features import compute_log_mel
+    from deepcontent.spectrograms import mel_settings
+
+    base = storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.gtzan)
+    settings = mel_settings(cfg.spectrograms)
+    mels, labels = [], []
+    for obj in storage.list(base):
+        genre = obj.uri[len(base):].strip("/").split("/")[0]
+        out = compute_log_mel(storage.read_bytes(obj.uri), settings=settings)
+        mels.append(np.asarray(out["mel"], np.float32))
+        labels.append(genre)
+    return mels, labels
+
+
+def _transfer(cfg: Config, storage: Storage, s: _Split, cache: dict) -> dict:
+    from deepcontent.embed.pooling import clip_outputs
+    from deepcontent.evaluate.transfer import nested_cv_svm_accuracy
+
+    mels, labels = _gtzan(cfg, storage)
+    if len(set(labels)) < 2 or min(labels.count(g) for g in set(labels)) < cfg.evaluate.transfer_folds:
+        return {"gtzan": {"skipped": f"{len(mels)} clips in {len(set(labels))} genres: too few for "
+                                     f"{cfg.evaluate.transfer_folds}-fold CV"}}
+    feats = {"kmeans": _kmeans(cfg, s, cache).transform(mels)}
+    for name, (model, kw, _) in cache.get("cnn_models", {}).items():
+        pred, emb = clip_outputs(model, mels, **kw)
+        feats[f"{name}_factors"] = pred
+        feats[f"{name}_penultimate"] = emb
+    out = {}
+    for name, x in feats.items():
+        r = nested_cv_svm_accuracy(x, labels, folds=cfg.evaluate.transfer_folds, seed=cfg.evaluate.seed)
+        out[name] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
+    log.info("evaluate: GTZAN-layout transfer accuracy %s",
+             ", ".join(f"{n} {r['mean']:.3f}±{r['std']:.3f}" for n, r in out.items()))
+    return {"gtzan": out}
+
+
+# ----------------------------------------------------------------------------- report data
+def _figures(storage: Storage, s: _Split, cache: dict) -> dict:
+    from deepcontent.embed.neighbors import top_k_cosine
+
+    fig: dict[str, Any] = {"training_curves": cache.get("curves", {})}
+    tags = storage.read_dataset(storage.uri(TAGS)) if storage.published(storage.uri(TAGS)) else None
+    top_tag: dict[str, str] = {}
+    if tags is not None and tags.num_rows:
+        for t, tag, w in sorted(zip(*(tags[c].to_pylist() for c in ("track_id", "tag", "weight"))), key=lambda r: -r[2]):
+            top_tag.setdefault(t, tag)
+    emb = cache.get("test_embeddings", {})
+    if emb:
+        name = "cnn_mse" if "cnn_mse" in emb else next(iter(emb))
+        pred, penult = emb[name]
+        fig["embedding_map"] = {"points": penult, "labels": [top_tag.get(t, "untagged") for t in s.test_tracks],
+                                "method": f"the {name} model's penultimate layer"}
+        upper = cache.get("upper_bound")
+        if upper is not None and len(s.test_tracks) > 3:
+            wmf_idx, _ = top_k_cosine(upper, k=5)
+            pred_idx, _ = top_k_cosine(pred, k=5)
+            fig["neighbors"] = [{"query": s.names.get(s.test_tracks[q], s.test_tracks[q]),
+                                 "wmf": [s.names.get(s.test_tracks[j], "") for j in wmf_idx[q]],
+                                 "predicted": [s.names.get(s.test_tracks[j], "") for j in pred_idx[q]]}
+                                for q in range(min(4, len(s.test_tracks)))]
+    return fig
+
+
+# ----------------------------------------------------------------------------- stage
+def run_evaluate(cfg: Config, storage: Storage, rt) -> EvaluateResult:
+    """Run the stage; ``rt`` provides ``storage`` and ``ensure_ray()`` (the CLI's runtime)."""
+    from deepcontent.evaluate.report import render_report
+
+    ec = cfg.evaluate
+    run_id = new_run_id(STAGE)
+    manifest = RunManifest(STAGE, run_id, cfg.public_dict(), cfg.fingerprint("evaluate", "train", "factorize"))
+    with manifest.timed("load"):
+        s = _Split(storage)
+    log.info("evaluate: %d test songs (%d dropped: no test plays or no spectrogram), %d users with test plays",
+             len(s.test_tracks), s.dropped_test_songs, len(s.eval_users))
+    if not len(s.test_tracks) or not len(s.eval_users):
+        raise ValueError(f"evaluate: no test songs with plays and spectrograms ({s.dropped_test_songs} dropped); "
+                         f"the catalog is too small for the cold-start protocol")
+    cache: dict[str, Any] = {}
+    cold, source = {}, {}
+    for name in ec.methods:
+        t0 = time.perf_counter()
+        with manifest.timed(name):
+            factors, info = METHODS[name](cfg, s, cache, rt)
+            if name == "upper_bound":
+                cache["upper_bound"] = factors
+            m = cold_start_metrics(s.user_factors, factors, s.test_plays, users=s.eval_users, map_k=ec.map_k,
+                                   ndcg_k=ec.ndcg_k, recall_k=ec.recall_k)
+        cold[name] = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in m.items()}
+        if info:
+            source[name] = info
+        log.info("evaluate: %-13s mAP@%d %.4f  AUC %.4f  NDCG@%d %.4f  recall@%d %.4f  (%.1fs)", name, ec.map_k,
+                 m[f"map{ec.map_k}"], m["auc"], ec.ndcg_k, m[f"ndcg{ec.ndcg_k}"], ec.recall_k, m[f"recall{ec.recall_k}"],
+                 time.perf_counter() - t0)
+    transfer = {}
+    if ec.transfer:
+        with manifest.timed("transfer"):
+            transfer = _transfer(cfg, storage, s, cache)
+    metrics = {"cold_start": cold, "source": source, "transfer": transfer,
+               "run": {"run_id": run_id, "test_songs": len(s.test_tracks), "users": len(s.eval_users),
+                       "train_songs": s.data.counts["train_songs"], "valid_songs": s.data.counts["valid_songs"]}}
+    with manifest.timed("report"):
+        html = render_report(metrics, figures_data=_figures(storage, s, cache), out_path=None,
+                             title="deepcontent — cold-start and transfer evaluation")
+        out = storage.uri(STAGE, run_id)
+        storage.write_json(join(out, "metrics.json"), metrics)
+        storage.write_bytes(join(out, "report.html"), html.encode())
+        local = Path(ec.report_dir)
+        local.mkdir(parents=True, exist_ok=True)
+        (local / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        (local / "report.html").write_text(html)
+    manifest.counts = {"test_songs": len(s.test_tracks), "users": len(s.eval_users), "methods": len(cold)}
+    manifest.outputs = {"metrics": join(out, "metrics.json"), "report": join(out, "report.html"),
+                        "local_report": str(local.resolve() / "report.html")}
+    manifest.metrics = metrics
+    uri = manifest.write(storage, status="succeeded")
+    log.info("evaluate: report %s (copy at %s); manifest %s", manifest.outputs["report"], manifest.outputs["local_report"], uri)
+    return EvaluateResult(run_id, True, manifest.counts, {}, manifest.outputs, uri, metrics=metrics,
+                          report=manifest.outputs["local_report"])
