@@ -268,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         "spectrograms, implicit ALS, Ray Train CNN regressors, embeddings to Iceberg.",
         epilog="Overrides: key.path=value (YAML scalars), e.g. synth.songs=500 spark.master=local[2]. "
         "Environment: DEEPCONTENT__SECTION__KEY=value. Secrets: AWS_ACCESS_KEY_ID / "
-        "AWS_SECRET_ACCESS_KEY or storage.credentials_file.",
+        "AWS_SECRET_ACCESS_KEY or storage.credentials_file. "
+        "On a cluster: deepcontent submit STAGE --config FILE (spark-submit for Spark stages, "
+        "ray job submit for Ray stages; see deepcontent submit --help).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():

@@ -263,6 +263,9 @@ class EmbedConfig(_Section):
     # Clips per actor call, and windows per forward pass inside it.
     clips_per_batch: int = Field(32, ge=1)
     windows_per_forward: int = Field(256, ge=1)
+    # Runs with at most this many clips to embed skip Ray and embed in the driver process (a
+    # nightly run with a few new tracks); 0 = always Ray Data.
+    in_process_max_clips: int = Field(64, ge=0)
     # Fail the run when more than this fraction of clips give non-finite outputs.
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
     # "module:function" called as fn(run_id=, staged=) after the actors wrote their files and

@@ -18,10 +18,11 @@ import pytest
 from deepcontent.config import load_config
 
 CLI = [sys.executable, "-m", "deepcontent.cli"]
-# Small but complete: train two quick epochs so that a model is registered.
+# Small but complete: train two quick epochs so that a model is registered; every embed run
+# goes through Ray Data actors (the in-process path for a handful of clips has its own test).
 SETTINGS = ["synth.songs=60", "synth.users=600", "synth.clip_seconds=5", "synth.audio_format=wav",
             "synth.gtzan_per_genre=0", "synth.mtat_clips=0", "spark.master=local[2]", "factorize.factors=8",
-            "train.epochs=2", "train.batch_size=16", "neighbors.k=5", "evaluate.mlp_epochs=5",
+            "train.epochs=2", "train.batch_size=16", "neighbors.k=5", "evaluate.mlp_epochs=5", "embed.in_process_max_clips=0",
             "evaluate.kmeans_centroids=16"]
 COLD_START_METHODS = ("random", "bow_linear", "bow_mlp", "kmeans_linear", "cnn_mse", "cnn_wpe", "upper_bound")
 

@@ -1,19 +1,21 @@
-"""Ray Data pieces of the ``embed`` stage: read the clips to embed, run the model, stage the output.
+"""The work of the ``embed`` stage on one batch of clips: read, run the model, stage the output.
 
-The pipeline the stage builds (one block per spectrogram shard)::
+:class:`ClipEmbedder` is a Ray Data actor (or, for a handful of clips, a plain object in the
+driver). It loads the registered model **once** (on its GPU with ``embed.use_gpu``) and for each
+work item ``(shard URI, row groups)``:
 
-    (shard, row groups) --read_todo_clips (task)--> clips --ClipEmbedder (actors)--> vectors --write_staged (task)--> files
+1. streams those row groups of the spectrogram shard from object storage through
+   :class:`~deepcontent.storage.Storage`, keeping only the (track, audio hash) pairs the run
+   must embed (:func:`read_todo_clips`);
+2. computes clip-level predicted factors and embeddings
+   (:func:`~deepcontent.embed.pooling.clip_outputs`); a clip whose outputs are not finite is
+   marked ``non_finite`` instead of carrying vectors;
+3. writes them as one Parquet file under the run's staging prefix and returns only the file's
+   URI and counts. Nothing staged is visible to readers until the driver commits.
 
-* :func:`read_todo_clips` streams a shard from object storage through
-  :class:`~deepcontent.storage.Storage` and keeps only the (track, audio hash) pairs the run
-  must embed, so unchanged tracks never leave the read task;
-* :class:`ClipEmbedder` is a Ray Data actor: it loads the registered model **once** (on its GPU
-  when ``embed.use_gpu``) and turns batches of clips into clip-level predicted factors and
-  embeddings (:func:`~deepcontent.embed.pooling.clip_outputs`); a clip whose outputs are not
-  finite is marked ``non_finite`` instead of written as a vector;
-* :func:`write_staged` writes each output batch as one Parquet file under the run's staging
-  prefix and returns only its URI and counts; nothing there is visible to readers until the
-  driver commits.
+Reading and writing inside the actor (rather than in separate Ray Data tasks) matters here: the
+actors hold the CPUs, and zero-CPU read/write tasks made Ray start extra worker processes, each
+paying the imports, for every run.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ def pair_keys(track_id: pa.ChunkedArray | pa.Array, audio_sha256: pa.ChunkedArra
 
 
 def read_todo_clips(batch: pa.Table, *, storage: Storage, todo_keys: pa.Array) -> Iterator[pa.Table]:
-    """``map_batches`` body over work items ``(uri, row_groups)``: those row groups of each
-    spectrogram shard, keeping the rows whose (track_id, audio_sha256) is in ``todo_keys``
-    (:func:`pair_keys`), one row group at a time."""
+    """Work items ``(uri, row_groups)`` -> those row groups of each spectrogram shard, keeping
+    the rows whose (track_id, audio_sha256) is in ``todo_keys`` (:func:`pair_keys`), one row
+    group at a time."""
     for uri, groups in zip(batch["uri"].to_pylist(), batch["row_groups"].to_pylist()):
         with storage.open_input(uri) as f:
             pf = pq.ParquetFile(f)
@@ -78,23 +80,30 @@ def work_items(pending: pa.Table, *, clips_per_item: int) -> list[dict]:
 
 
 class ClipEmbedder:
-    """Ray Data actor: clips -> (predicted_factors, embedding) with one model load per actor.
+    """Ray Data actor: work items -> staged Parquet files of clip vectors, one model load per actor.
 
     Parameters
     ----------
     storage : Storage
-        Where the model registry is.
+        Where the model registry, the shards and the staging prefix are.
     model_version : str
+    todo_keys : pa.Array
+        :func:`pair_keys` of the (track, audio hash) pairs to embed.
+    staging_uri : str
+        Prefix for the staged files.
     use_gpu : bool
         Run on ``cuda`` (the GPU Ray assigned to this actor) with bf16 autocast unless
         ``precision="fp32"``; otherwise CPU fp32 with ``threads`` torch threads.
     threads : int
     precision : {"auto", "fp32", "bf16"}
+    clips_per_forward_batch : int
+        Clips pooled per call of :func:`clip_outputs`.
     windows_per_forward : int
     """
 
-    def __init__(self, *, storage: Storage, model_version: str, use_gpu: bool = False, threads: int = 1,
-                 precision: str = "auto", windows_per_forward: int = 256) -> None:
+    def __init__(self, *, storage: Storage, model_version: str, todo_keys: pa.Array, staging_uri: str,
+                 use_gpu: bool = False, threads: int = 1, precision: str = "auto", clips_per_forward_batch: int = 32,
+                 windows_per_forward: int = 256) -> None:
         import torch
 
         from deepcontent.train.registry import load_model
@@ -102,17 +111,20 @@ class ClipEmbedder:
         torch.set_num_threads(threads)
         if precision == "bf16" and not use_gpu:
             raise ValueError("embed.precision='bf16' needs embed.use_gpu=true; use 'auto' or 'fp32' on CPU")
+        self.storage, self.todo_keys, self.staging_uri = storage, todo_keys, staging_uri
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model, artifact = load_model(storage, model_version, map_location=self.device)
         self.model.to(self.device)
         self.n_frames = int(artifact["window_frames"])
         self.mean = np.asarray(artifact["target_mean"], np.float32)
         self.std = np.asarray(artifact["target_std"], np.float32)
+        self.clips_per_forward_batch = clips_per_forward_batch
         self.windows_per_forward = windows_per_forward
         bf16 = use_gpu and precision in ("auto", "bf16")
         self.autocast = (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)) if bf16 else None
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def vectors(self, batch: pa.Table) -> pa.Table:
+        """Spectrogram rows (:data:`CLIP_COLUMNS`) -> :data:`STAGED_SCHEMA` rows."""
         from deepcontent.embed.pooling import clip_outputs
 
         # A copy (np.array) so torch gets a writable buffer; float16 until the device.
@@ -128,10 +140,28 @@ class ClipEmbedder:
             "embedding": pa.array([e.tolist() if k else None for e, k in zip(emb, ok)], pa.list_(pa.float32())),
         }, schema=STAGED_SCHEMA)
 
+    def __call__(self, items: pa.Table) -> pa.Table:
+        """Work items ``(uri, row_groups)`` -> ``(file, rows, ok)``, one staged file per item."""
+        out = []
+        for item in items.to_pylist():
+            parts, pending, n = [], [], 0
+            for t in read_todo_clips(pa.Table.from_pylist([item]), storage=self.storage, todo_keys=self.todo_keys):
+                pending.append(t)
+                n += t.num_rows
+                if n >= self.clips_per_forward_batch:
+                    parts.append(self.vectors(pa.concat_tables(pending)))
+                    pending, n = [], 0
+            if pending:
+                parts.append(self.vectors(pa.concat_tables(pending)))
+            if parts:
+                out.append(write_staged(pa.concat_tables(parts), storage=self.storage, staging_uri=self.staging_uri))
+        schema = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64())])
+        return pa.concat_tables([t.cast(schema) for t in out]) if out else schema.empty_table()
+
 
 def write_staged(batch: pa.Table, *, storage: Storage, staging_uri: str) -> pa.Table:
-    """``map_batches`` body: write the batch as one Parquet file under ``staging_uri``; returns
-    ``(file, rows, ok)`` so that only file names travel back to the driver."""
+    """Write the batch as one Parquet file under ``staging_uri``; returns ``(file, rows, ok)``
+    so that only file names travel back to the driver."""
     uri = join(staging_uri, f"part-{uuid.uuid4().hex}.parquet")
     storage.write_parquet(batch.cast(STAGED_SCHEMA), uri)
     n_ok = int(pc.sum(pc.equal(batch["status"], "ok")).as_py() or 0)

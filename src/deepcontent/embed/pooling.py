@@ -68,7 +68,8 @@ def clip_outputs(
     if windows_per_forward < 1:
         raise ValueError(f"windows_per_forward must be >= 1, got {windows_per_forward!r}")
     device = torch.device(device)
-    windows = [consecutive_windows(torch.as_tensor(np.asarray(c)), n_frames=n_frames, cover_tail=True) for c in clips]
+    # np.array copies: frombuffer views are read-only and torch wants writable memory
+    windows = [consecutive_windows(torch.as_tensor(np.array(c)), n_frames=n_frames, cover_tail=True) for c in clips]
     counts = torch.as_tensor([w.shape[0] for w in windows], dtype=torch.float32)
     owner = torch.repeat_interleave(torch.arange(len(clips)), counts.long())
     flat = torch.cat(windows)

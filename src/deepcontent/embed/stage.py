@@ -5,11 +5,14 @@
 2. **Incremental.** The (track, audio hash) pairs of the published spectrograms are compared
    with the ``embeddings`` rows of this model version: only new tracks and tracks whose audio
    changed are embedded, so a re-run with nothing new reads no clip and commits nothing.
-3. Ray Data streams the row groups of the shards that hold those clips, :class:`~deepcontent.embed.inference.ClipEmbedder`
-   actors (model loaded once each; a GPU each with ``embed.use_gpu``) compute a clip-level
+3. Ray Data hands work items (a shard and some of its row groups) to a pool of
+   :class:`~deepcontent.embed.inference.ClipEmbedder` actors (model loaded once each; a GPU each
+   with ``embed.use_gpu``). An actor reads its clips from object storage, computes a clip-level
    ``predicted_factors`` (WMF units) and ``embedding`` (penultimate layer), both averaged over
-   consecutive ~3 s windows, and each output batch is staged as Parquet under
-   ``<root>/embeddings/staging/<run_id>/``.
+   consecutive ~3 s windows, and stages them as Parquet under
+   ``<root>/embeddings/staging/<run_id>/``. A nightly run with a handful of new clips (at most
+   ``embed.in_process_max_clips``) does the same in the driver process: starting actors would
+   cost more than the inference.
 4. **One commit per run.** The driver upserts every staged vector into the Iceberg
    ``embeddings`` table (key: track_id, model_version) in a single catalog commit; the table's
    data files are Parquet in the same object store (``warehouse.location``). Until that commit
@@ -31,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from deepcontent.config import Config
-from deepcontent.embed.inference import STAGED_SCHEMA, ClipEmbedder, pair_keys, read_todo_clips, work_items, write_staged
+from deepcontent.embed.inference import STAGED_SCHEMA, ClipEmbedder, pair_keys, work_items
 from deepcontent.manifest import RunManifest, StageResult, log
 from deepcontent.spectrograms import SPECTROGRAMS
 from deepcontent.storage import Storage, join, new_run_id, safe_key
@@ -92,27 +95,32 @@ def spectrogram_pairs(storage: Storage, *, settings_key: str) -> pa.Table:
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
-def _embed_on_ray(cfg: Config, storage: Storage, *, version: str, items: list[dict], todo_keys: pa.Array,
-                  staging: str) -> list[dict]:
-    """Run the Ray Data pipeline; returns one ``{"file", "rows", "ok"}`` per staged file."""
+def _embedder_kwargs(cfg: Config, storage: Storage, *, version: str, todo_keys: pa.Array, staging: str) -> dict:
+    ec = cfg.embed
+    return {"storage": storage, "model_version": version, "todo_keys": todo_keys, "staging_uri": staging,
+            "use_gpu": ec.use_gpu, "threads": ec.threads_per_actor, "precision": ec.precision,
+            "clips_per_forward_batch": ec.clips_per_batch, "windows_per_forward": ec.windows_per_forward}
+
+
+def _embed_on_ray(cfg: Config, storage: Storage, *, items: list[dict], embedder: dict) -> list[dict]:
+    """Ray Data: work items -> a pool of :class:`ClipEmbedder` actors; returns one
+    ``{"file", "rows", "ok"}`` per staged file."""
     import ray.data
 
     ec = cfg.embed
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # Reads and writes are I/O: no CPU reserved for them, so every core can hold an actor.
-    ds = ds.map_batches(read_todo_clips, batch_size=1, batch_format="pyarrow", num_cpus=0,
-                        fn_kwargs={"storage": storage, "todo_keys": todo_keys})
-    ds = ds.map_batches(
-        ClipEmbedder, batch_size=ec.clips_per_batch, batch_format="pyarrow", concurrency=ec.actors,
-        num_gpus=1 if ec.use_gpu else 0, num_cpus=ec.cpus_per_actor,
-        fn_constructor_kwargs={"storage": storage, "model_version": version, "use_gpu": ec.use_gpu,
-                               "threads": ec.threads_per_actor, "precision": ec.precision,
-                               "windows_per_forward": ec.windows_per_forward},
-    )
-    ds = ds.map_batches(write_staged, batch_size=None, batch_format="pyarrow", num_cpus=0,
-                        fn_kwargs={"storage": storage, "staging_uri": staging})
+    ds = ds.map_batches(ClipEmbedder, batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=max(1, min(ec.actors, len(items)))),
+                        num_gpus=1 if ec.use_gpu else 0, num_cpus=ec.cpus_per_actor, fn_constructor_kwargs=embedder)
     return ds.take_all()
+
+
+def _embed_in_process(items: list[dict], *, embedder: dict) -> list[dict]:
+    """The same work without Ray, for a handful of clips (``embed.in_process_max_clips``):
+    starting actors would cost more than the inference."""
+    worker = ClipEmbedder(**embedder)
+    return worker(pa.Table.from_pylist(items)).to_pylist()
 
 
 def _call_hook(path: str | None, **kwargs) -> None:
@@ -160,18 +168,24 @@ def run_embed(cfg: Config, storage: Storage, warehouse) -> EmbedResult:
     shards = sorted(set(pending["uri"].to_pylist()))
     items = work_items(pending, clips_per_item=ec.clips_per_batch)
     staging = join(storage.uri(STAGING), safe_key(run_id))
-    log.info("embed: run %s — %d clips to embed with %s (%d new, %d changed audio) from %d shards, %d actors%s",
-             run_id, pending.num_rows, version, counts["new"], n_changed, len(shards), ec.actors,
-             " on GPUs" if ec.use_gpu else "")
-    started_here = not ray.is_initialized()
-    try:
-        init_ray(cfg.ray)
+    log.info("embed: run %s — %d clips to embed with %s (%d new, %d changed audio) from %d shards, %s",
+             run_id, pending.num_rows, version, counts["new"], n_changed, len(shards),
+             "in this process" if pending.num_rows <= ec.in_process_max_clips
+             else f"{ec.actors} Ray actors" + (" on GPUs" if ec.use_gpu else ""))
+    embedder = _embedder_kwargs(cfg, storage, version=version, staging=staging,
+                                todo_keys=pair_keys(pending["track_id"], pending["audio_sha256"]))
+    if pending.num_rows <= ec.in_process_max_clips:
         with manifest.timed("inference"):
-            staged = _embed_on_ray(cfg, storage, version=version, items=items,
-                                   todo_keys=pair_keys(pending["track_id"], pending["audio_sha256"]), staging=staging)
-    finally:
-        if started_here:
-            ray.shutdown()
+            staged = _embed_in_process(items, embedder=embedder)
+    else:
+        started_here = not ray.is_initialized()
+        try:
+            init_ray(cfg.ray)
+            with manifest.timed("inference"):
+                staged = _embed_on_ray(cfg, storage, items=items, embedder=embedder)
+        finally:
+            if started_here:
+                ray.shutdown()
     _call_hook(ec.before_commit_hook, run_id=run_id, staged=[s["file"] for s in staged])
 
     with manifest.timed("commit"):
