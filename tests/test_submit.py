@@ -180,10 +180,19 @@ def test_the_cli_dispatches_submit(tmp_path, capsys):
 # ---- real clusters on loopback ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all sockets held open until every port is chosen, so
+    the OS cannot hand the same port out twice)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _stop_group(proc: subprocess.Popen, marker: str | None = None) -> None:
@@ -237,8 +246,13 @@ def _wait_for(predicate, *, what: str, timeout: float, procs=(), logs=()) -> Non
 
 
 def _json(url: str):
-    with urllib.request.urlopen(url, timeout=3) as r:
-        return json.load(r)
+    """The JSON at ``url``, or {} while the server is still coming up (connection refused, or an
+    HTML page served before the JSON endpoint is ready)."""
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            return json.load(r)
+    except (OSError, ValueError):
+        return {}
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +263,7 @@ def spark_standalone(tmp_path_factory):
     d = tmp_path_factory.mktemp("spark-standalone")
     env = dict(os.environ, SPARK_HOME=str(home), SPARK_LOCAL_IP="127.0.0.1", SPARK_DAEMON_MEMORY="512m",
                SPARK_LOG_DIR=str(d), SPARK_WORKER_DIR=str(d / "work"), SPARK_LOCAL_DIRS=str(d / "local"))
-    port, ui, wport, wui = (_free_port() for _ in range(4))
+    port, ui, wport, wui = _free_ports(4)
     spark_class = str(home / "bin" / "spark-class")
     master = subprocess.Popen([spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                                "--port", str(port), "--webui-port", str(ui)],
@@ -329,7 +343,7 @@ def ray_head():
     if submit.ray_jobs_client_missing():
         pytest.skip(f"the Ray job API needs ray[default] (missing: {', '.join(submit.ray_jobs_client_missing())})")
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
-    port, dash, agent = _free_port(), _free_port(), _free_port()
+    port, dash, agent = _free_ports(3)
     env = dict(os.environ, **RAY_ENV, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     log_file = Path(temp) / "head.log"
     head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
