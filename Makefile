@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: setup
-	$(BIN)/deepcontent pipeline
+	$(BIN)/deepcontent pipeline --config conf/demo.yaml
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
