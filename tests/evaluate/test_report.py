@@ -142,7 +142,7 @@ def test_missing_sections_become_notes():
     text = render_report({"cold_start": {"random": {"map500": 0.001, "auc": 0.5, "ndcg10": 0.0, "recall50": 0.01}}})
     for note in ("No embeddings were given for the map.", "No query tracks were given.",
                  "No training history was given.", "No source-task results in this run.",
-                 "No transfer results in this run."):
+                 "No transfer results in this run.", "No descriptor correlations in this run."):
         assert note in text
     tags = _parse(text)
     assert len(tags.imgs) == tags.figures == 1  # the bars only
@@ -150,6 +150,12 @@ def test_missing_sections_become_notes():
     assert "No cold-start results in this run." in empty and "<img" not in empty
     with pytest.raises(TypeError, match=r"metrics must be a mapping .* got list"):
         render_report([])
+
+
+def test_descriptor_correlations_are_tabulated():
+    text = render_report({"interpretation": {"cnn_mse_penultimate": {"tempo_bpm": {"dim": 17, "r": -0.6123},
+                                                                     "loudness_db": {"dim": None, "r": float("nan")}}}})
+    assert "Pearson r" in text and "tempo_bpm" in text and "<td>17</td>" in text and "-0.612" in text
 
 
 def test_small_maps_use_pca_and_nan_metrics_show_a_dash():

@@ -377,6 +377,28 @@ def _source(results) -> str:
                     "the variance of the targets.</p>", "source")
 
 
+# -- interpretation ---------------------------------------------------------------------------
+
+def _interpretation(results) -> str:
+    """Per feature set and descriptor: the most correlated dimension and its Pearson r."""
+    title = "Interpretation"
+    if not isinstance(results, Mapping) or not results:
+        return _section(title, _note("No descriptor correlations in this run."), "interpretation")
+    rows = []
+    for features, per in results.items():
+        if not isinstance(per, Mapping):
+            continue
+        for name, r in per.items():
+            if isinstance(r, Mapping):
+                dim = "—" if r.get("dim") is None else str(r["dim"])
+                rows.append(f'<tr><td class="name">{_e(features)}</td><td class="name">{_e(name)}</td>'
+                            f"<td>{_e(dim)}</td><td>{_fmt(r.get('r'), 3)}</td></tr>")
+    body = ('<table><tr><th class="name">features</th><th class="name">descriptor</th><th>dimension</th>'
+            "<th>Pearson r</th></tr>" + "".join(rows) + "</table><p>For each hand-crafted descriptor of the "
+            "test songs, the embedding dimension whose values correlate most with it (largest |r|).</p>")
+    return _section(title, body, "interpretation")
+
+
 # -- transfer ---------------------------------------------------------------------------------
 
 def _transfer_rows(dataset: str, features: str, result, label: str = ""):
@@ -494,11 +516,13 @@ def render_report(
         _training_curves(figures_data.get("training_curves")),
         _source(metrics.get("source")),
         _transfer(metrics.get("transfer")),
+        _interpretation(metrics.get("interpretation")),
     ]
     toc = " · ".join(
         f'<a href="#{a}">{t}</a>'
         for a, t in [("cold-start", "cold start"), ("map", "map"), ("neighbors", "neighbours"),
-                     ("training", "training"), ("source", "source task"), ("transfer", "transfer")]
+                     ("training", "training"), ("source", "source task"), ("transfer", "transfer"),
+                     ("interpretation", "interpretation")]
     )
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -19,9 +19,11 @@ Methods (``evaluate.methods``):
                     becoming the production model); clip predictions are window averages.
 ``upper_bound``     fold-in from the test plays.
 
-Also: validation NMSE per regressor (source task), 10-fold nested-CV linear-SVM accuracy on
-the GTZAN-layout folder with CNN features (predicted factors, penultimate layer) vs spherical
-K-means features, and a self-contained HTML report. Outputs go to
+Also: validation NMSE per regressor (source task); transfer with CNN features (predicted
+factors, penultimate layer) vs spherical K-means features — 10-fold nested-CV linear-SVM
+accuracy on the GTZAN-layout folder and tag AUC (top 50 and all tags) on the
+MagnaTagATune-layout set; the embedding dimension most correlated with each hand-crafted
+descriptor (:mod:`deepcontent.evaluate.descriptors`); and a self-contained HTML report. Outputs go to
 ``<root>/evaluate/<run_id>/{metrics.json,report.html}`` and a copy to ``evaluate.report_dir``.
 """
 
@@ -276,10 +278,84 @@ def _transfer(cfg: Config, storage: Storage, s: _Split, cache: dict) -> dict:
     out = {}
     for name, x in feats.items():
         r = nested_cv_svm_accuracy(x, labels, folds=cfg.evaluate.transfer_folds, seed=cfg.evaluate.seed)
-        out[name] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
+        out[name] = _jsonable(r)
     log.info("evaluate: GTZAN-layout transfer accuracy %s",
              ", ".join(f"{n} {r['mean']:.3f}±{r['std']:.3f}" for n, r in out.items()))
-    return {"gtzan": out}
+    result = {"gtzan": out}
+    mtat = _mtat(cfg, storage, s, cache)
+    if mtat:
+        result["mtat"] = mtat
+    return result
+
+
+def _jsonable(r: dict) -> dict:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else _jsonable(v) if isinstance(v, dict) else v)
+            for k, v in r.items()}
+
+
+def _mtat(cfg: Config, storage: Storage, s: _Split, cache: dict) -> dict:
+    """Tag AUC (top-50 and all tags, the transfer paper's part split) on the MagnaTagATune-layout
+    set: ``annotations_final.csv`` + clips, features as for GTZAN."""
+    import csv
+
+    from deepcontent.audio.features import AudioError, compute_log_mel
+    from deepcontent.embed.pooling import clip_outputs
+    from deepcontent.evaluate.transfer import mtat_tag_auc
+    from deepcontent.spectrograms import mel_settings
+
+    base = storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.mtat)
+    ann = join(base, "annotations_final.csv")
+    if not storage.exists(ann):
+        return {}
+    rows = list(csv.reader(io.StringIO(storage.read_bytes(ann).decode("utf-8")), delimiter="\t"))
+    header, rows = rows[0], [r for r in rows[1:] if r]
+    tag_names = header[1:-1]
+    settings = mel_settings(cfg.spectrograms)
+    mels, tags, paths = [], [], []
+    for r in rows:
+        try:
+            mels.append(np.asarray(compute_log_mel(storage.read_bytes(join(base, r[-1])), settings=settings)["mel"], np.float32))
+        except (AudioError, Exception) as exc:  # a missing or bad clip is left out, and counted
+            log.warning("evaluate: MTAT clip %s skipped: %s", r[-1], exc)
+            continue
+        tags.append([int(v) for v in r[1:-1]])
+        paths.append(r[-1])
+    if len(mels) < 20:
+        return {"skipped": f"{len(mels)} usable MagnaTagATune-layout clips: too few"}
+    T = np.asarray(tags, np.int8)
+    feats = {"kmeans": _kmeans(cfg, s, cache).transform(mels)}
+    for name, (model, kw, _) in cache.get("cnn_models", {}).items():
+        pred, emb = clip_outputs(model, mels, **kw)
+        feats[f"{name}_factors"], feats[f"{name}_penultimate"] = pred, emb
+    out = {}
+    for name, x in feats.items():
+        try:
+            out[name] = _jsonable(mtat_tag_auc(x, T, paths, top=50, seed=cfg.evaluate.seed))
+        except ValueError as exc:  # e.g. no tag with both classes in the test parts
+            out[name] = {"skipped": str(exc)}
+    log.info("evaluate: MTAT-layout tag AUC (%d clips, %d tags) %s", len(mels), len(tag_names),
+             ", ".join(f"{n} {r['top50']['auc_mean']:.3f}" for n, r in out.items() if "top50" in r))
+    return out
+
+
+def _interpretation(cfg: Config, s: _Split, cache: dict) -> dict:
+    """Per hand-crafted descriptor, the CNN embedding dimension that correlates most with it
+    over the test songs (thesis §4.6)."""
+    from deepcontent.evaluate.descriptors import mel_descriptors
+    from deepcontent.evaluate.transfer import descriptor_correlations
+
+    emb = cache.get("test_embeddings", {})
+    if not emb or len(s.test_mels) < 5:
+        return {}
+    sc = cfg.spectrograms
+    rows = [mel_descriptors(m, sample_rate=sc.sample_rate, hop_length=sc.hop_length, compression=sc.compression)
+            for m in s.test_mels]
+    descriptors = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    out = {}
+    for name, (pred, penult) in emb.items():
+        out[f"{name}_penultimate"] = _jsonable(descriptor_correlations(penult, descriptors))
+        out[f"{name}_factors"] = _jsonable(descriptor_correlations(pred, descriptors))
+    return out
 
 
 # ----------------------------------------------------------------------------- report data
@@ -344,7 +420,9 @@ def run_evaluate(cfg: Config, storage: Storage, rt) -> EvaluateResult:
     if ec.transfer:
         with manifest.timed("transfer"):
             transfer = _transfer(cfg, storage, s, cache)
-    metrics = {"cold_start": cold, "source": source, "transfer": transfer,
+    with manifest.timed("interpretation"):
+        interpretation = _interpretation(cfg, s, cache)
+    metrics = {"cold_start": cold, "source": source, "transfer": transfer, "interpretation": interpretation,
                "run": {"run_id": run_id, "test_songs": len(s.test_tracks), "users": len(s.eval_users),
                        "train_songs": s.data.counts["train_songs"], "valid_songs": s.data.counts["valid_songs"]}}
     with manifest.timed("report"):
