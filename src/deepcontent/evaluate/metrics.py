@@ -41,6 +41,16 @@ __all__ = [
 _BATCH_VALUES = 1 << 23  # scores per batch of users (~64 MB in float64)
 
 
+def _check_factors(X: np.ndarray, Y: np.ndarray) -> None:
+    """(n_users, f) and (n_items, f), finite; the message names the bad side and its count."""
+    if X.ndim != 2 or Y.ndim != 2 or X.shape[1] != Y.shape[1]:
+        raise ValueError(f"factors must be (n_users, f) and (n_items, f), got {X.shape} and {Y.shape}")
+    for name, f in (("user_factors", X), ("item_factors", Y)):
+        bad = int(np.count_nonzero(~np.isfinite(f).all(axis=1))) if f.size else 0
+        if bad:
+            raise ValueError(f"{name} has {bad} of {f.shape[0]} rows with NaN/inf")
+
+
 def _check_inputs(user_factors, item_factors, train_user_items, test_user_items):
     X = np.asarray(user_factors)
     Y = np.asarray(item_factors)
@@ -48,12 +58,7 @@ def _check_inputs(user_factors, item_factors, train_user_items, test_user_items)
     test = canonical_csr(test_user_items, name="test_user_items")
     if train.shape != test.shape:
         raise ValueError(f"train_user_items is {train.shape} but test_user_items is {test.shape}")
-    if X.ndim != 2 or Y.ndim != 2 or X.shape[1] != Y.shape[1]:
-        raise ValueError(f"factors must be (n_users, f) and (n_items, f), got {X.shape} and {Y.shape}")
-    for name, f in (("user_factors", X), ("item_factors", Y)):
-        bad = int(np.count_nonzero(~np.isfinite(f).all(axis=1))) if f.size else 0
-        if bad:
-            raise ValueError(f"{name} has {bad} of {f.shape[0]} rows with NaN/inf")
+    _check_factors(X, Y)
     if (X.shape[0], Y.shape[0]) != train.shape:
         raise ValueError(
             f"factors are for {X.shape[0]} users and {Y.shape[0]} items but the matrices are {train.shape}"
@@ -483,12 +488,7 @@ def cold_start_metrics(
     """
     X = np.asarray(user_factors)
     Y = np.asarray(item_factors)
-    if X.ndim != 2 or Y.ndim != 2 or X.shape[1] != Y.shape[1]:
-        raise ValueError(f"factors must be (n_users, f) and (n_items, f), got {X.shape} and {Y.shape}")
-    for name, f in (("user_factors", X), ("item_factors", Y)):
-        bad = int(np.count_nonzero(~np.isfinite(f).all(axis=1))) if f.size else 0
-        if bad:
-            raise ValueError(f"{name} has {bad} of {f.shape[0]} rows with NaN/inf")
+    _check_factors(X, Y)
     Yt = np.ascontiguousarray(Y.T, dtype=np.float64)
     out = _ranking_pass(lambda batch: X[batch].astype(np.float64) @ Yt, X.shape[0], Y.shape[0],
                         test_user_items, exclude_user_items=exclude_user_items, users=users,
