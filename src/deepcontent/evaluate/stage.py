@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,13 +59,13 @@ CNN_VARIANTS = {"cnn_mse": {"model": "paper_cnn", "loss": "mse"}, "cnn_wpe": {"m
                 "deep_cnn": {"model": "deep_cnn", "loss": "mse"}}
 
 
+@dataclass
 class EvaluateResult(StageResult):
-    """:class:`StageResult` plus the metrics (``cold_start`` per method, ``source``, ``transfer``)."""
+    """:class:`StageResult` plus the metrics (``cold_start`` per method, ``source``, ``transfer``)
+    and the local path of the HTML report."""
 
-    def __init__(self, *args, metrics: dict | None = None, report: str | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.metrics = metrics or {}
-        self.report = report
+    metrics: dict[str, Any] = field(default_factory=dict)
+    report: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "cold_start": self.metrics.get("cold_start", {}),
@@ -247,29 +248,40 @@ METHODS: dict[str, Callable] = {
 
 
 # ----------------------------------------------------------------------------- transfer
-def _gtzan(cfg: Config, storage: Storage) -> tuple[list[np.ndarray], list[str]]:
+def _clip_mels(cfg: Config, storage: Storage, uris: list[str]) -> tuple[list[np.ndarray], list[int], dict[str, str]]:
+    """Log-mels of the target-set clips at ``uris`` (decoded here: they are not in the catalog),
+    the indices that decoded, and ``{uri: reason}`` for those that did not (left out, counted)."""
     from deepcontent.audio.features import compute_log_mel
     from deepcontent.spectrograms import mel_settings
 
-    base = storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.gtzan)
     settings = mel_settings(cfg.spectrograms)
-    mels, labels = [], []
-    for obj in storage.list(base):
-        genre = obj.uri[len(base):].strip("/").split("/")[0]
-        out = compute_log_mel(storage.read_bytes(obj.uri), settings=settings)
-        mels.append(np.asarray(out["mel"], np.float32))
-        labels.append(genre)
-    return mels, labels
+    mels, kept, skipped = [], [], {}
+    for i, uri in enumerate(uris):
+        try:
+            mels.append(np.asarray(compute_log_mel(storage.read_bytes(uri), settings=settings)["mel"], np.float32))
+            kept.append(i)
+        except Exception as exc:  # a missing or undecodable clip: recorded, the rest goes on
+            skipped[uri] = f"{getattr(exc, 'reason', type(exc).__name__)}: {exc}"[:300]
+            log.warning("evaluate: target-set clip %s left out: %s", uri, skipped[uri])
+    return mels, kept, skipped
+
+
+def _gtzan(cfg: Config, storage: Storage) -> tuple[list[np.ndarray], list[str], dict[str, str]]:
+    base = storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.gtzan)
+    uris = [o.uri for o in storage.list(base)]
+    mels, kept, skipped = _clip_mels(cfg, storage, uris)
+    labels = [uris[i][len(base):].strip("/").split("/")[0] for i in kept]
+    return mels, labels, skipped
 
 
 def _transfer(cfg: Config, storage: Storage, s: _Split, cache: dict) -> dict:
     from deepcontent.embed.pooling import clip_outputs
     from deepcontent.evaluate.transfer import nested_cv_svm_accuracy
 
-    mels, labels = _gtzan(cfg, storage)
+    mels, labels, skipped = _gtzan(cfg, storage)
     if len(set(labels)) < 2 or min(labels.count(g) for g in set(labels)) < cfg.evaluate.transfer_folds:
         return {"gtzan": {"skipped": f"{len(mels)} clips in {len(set(labels))} genres: too few for "
-                                     f"{cfg.evaluate.transfer_folds}-fold CV"}}
+                                     f"{cfg.evaluate.transfer_folds}-fold CV", "clips_left_out": skipped}}
     feats = {"kmeans": _kmeans(cfg, s, cache).transform(mels)}
     for name, (model, kw, _) in cache.get("cnn_models", {}).items():
         pred, emb = clip_outputs(model, mels, **kw)
@@ -280,7 +292,9 @@ def _transfer(cfg: Config, storage: Storage, s: _Split, cache: dict) -> dict:
         r = nested_cv_svm_accuracy(x, labels, folds=cfg.evaluate.transfer_folds, seed=cfg.evaluate.seed)
         out[name] = _jsonable(r)
     log.info("evaluate: GTZAN-layout transfer accuracy %s",
-             ", ".join(f"{n} {r['mean']:.3f}±{r['std']:.3f}" for n, r in out.items()))
+             ", ".join(f"{n} {r['mean']:.3f}±{r['std']:.3f}" for n, r in out.items() if "mean" in r))
+    if skipped:
+        out["clips_left_out"] = skipped
     result = {"gtzan": out}
     mtat = _mtat(cfg, storage, s, cache)
     if mtat:
@@ -298,10 +312,8 @@ def _mtat(cfg: Config, storage: Storage, s: _Split, cache: dict) -> dict:
     set: ``annotations_final.csv`` + clips, features as for GTZAN."""
     import csv
 
-    from deepcontent.audio.features import AudioError, compute_log_mel
     from deepcontent.embed.pooling import clip_outputs
     from deepcontent.evaluate.transfer import mtat_tag_auc
-    from deepcontent.spectrograms import mel_settings
 
     base = storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.mtat)
     ann = join(base, "annotations_final.csv")
@@ -310,18 +322,11 @@ def _mtat(cfg: Config, storage: Storage, s: _Split, cache: dict) -> dict:
     rows = list(csv.reader(io.StringIO(storage.read_bytes(ann).decode("utf-8")), delimiter="\t"))
     header, rows = rows[0], [r for r in rows[1:] if r]
     tag_names = header[1:-1]
-    settings = mel_settings(cfg.spectrograms)
-    mels, tags, paths = [], [], []
-    for r in rows:
-        try:
-            mels.append(np.asarray(compute_log_mel(storage.read_bytes(join(base, r[-1])), settings=settings)["mel"], np.float32))
-        except (AudioError, Exception) as exc:  # a missing or bad clip is left out, and counted
-            log.warning("evaluate: MTAT clip %s skipped: %s", r[-1], exc)
-            continue
-        tags.append([int(v) for v in r[1:-1]])
-        paths.append(r[-1])
+    mels, kept, skipped = _clip_mels(cfg, storage, [join(base, r[-1]) for r in rows])
+    tags = [[int(v) for v in rows[i][1:-1]] for i in kept]
+    paths = [rows[i][-1] for i in kept]
     if len(mels) < 20:
-        return {"skipped": f"{len(mels)} usable MagnaTagATune-layout clips: too few"}
+        return {"skipped": f"{len(mels)} usable MagnaTagATune-layout clips: too few", "clips_left_out": skipped}
     T = np.asarray(tags, np.int8)
     feats = {"kmeans": _kmeans(cfg, s, cache).transform(mels)}
     for name, (model, kw, _) in cache.get("cnn_models", {}).items():
@@ -333,8 +338,10 @@ def _mtat(cfg: Config, storage: Storage, s: _Split, cache: dict) -> dict:
             out[name] = _jsonable(mtat_tag_auc(x, T, paths, top=50, seed=cfg.evaluate.seed))
         except ValueError as exc:  # e.g. no tag with both classes in the test parts
             out[name] = {"skipped": str(exc)}
+    if skipped:
+        out["clips_left_out"] = skipped
     log.info("evaluate: MTAT-layout tag AUC (%d clips, %d tags) %s", len(mels), len(tag_names),
-             ", ".join(f"{n} {r['top50']['auc_mean']:.3f}" for n, r in out.items() if "top50" in r))
+             ", ".join(f"{n} {r['top50']['auc_mean']:.3f}" for n, r in out.items() if isinstance(r, dict) and "top50" in r))
     return out
 
 
