@@ -60,3 +60,16 @@ def test_extends_chains_files(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: a.yaml\nsynth: {users: 33}\n")
     cfg = load_config(tmp_path / "b.yaml", environ={})
     assert (cfg.synth.songs, cfg.synth.users) == (11, 33)
+
+
+def test_train_settings_that_cannot_work_together_are_refused():
+    ok = load_config(None, overrides=["train.model=raw_audio", "train.input=waveform"], environ={})
+    assert ok.train.model == "raw_audio" and ok.train.input == "waveform"
+    for pairs, message in (
+        (["train.model=raw_audio"], "raw_audio model reads waveforms"),
+        (["train.input=waveform"], "raw_audio model reads waveforms"),
+        (["train.model=raw_audio", "train.input=waveform", "train.gain_db=3"], "work on log-mels"),
+        (["train.loss=wpe", "train.targets=tags"], "needs train.targets=plays"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_config(None, overrides=pairs, environ={})

@@ -236,6 +236,10 @@ def _print_pipeline(result: dict) -> None:
         print("  evaluate : cold-start recommendation on the test songs (no test plays used except by upper_bound)")
         for line in _results_table(ev["cold_start"]):
             print(line)
+        tags = (ev.get("tag_prediction") or {}).get("methods") or {}
+        if tags:
+            print("    tag prediction (A′ = U′Vᵀ on the test songs): "
+                  + ", ".join(f"{m} AUC {r['auc']:.3f} / mAP {r['map']:.3f}" for m, r in tags.items()))
         gtzan = (ev.get("transfer") or {}).get("gtzan") or {}
         for name, r in gtzan.items():
             if isinstance(r, dict) and "mean" in r:

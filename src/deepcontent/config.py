@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 ENV_PREFIX = "DEEPCONTENT__"
 
@@ -199,7 +199,14 @@ class TrainConfig(_Section):
     (:mod:`deepcontent.train.backend`); CPU workers use gloo and ``threads_per_worker`` threads.
     """
 
-    model: Literal["paper_cnn", "deep_cnn"] = "paper_cnn"
+    model: Literal["paper_cnn", "deep_cnn", "raw_audio"] = "paper_cnn"
+    # What the net reads: the stored log-mel spectrograms, or mono waveforms at
+    # spectrograms.sample_rate (``features/waveforms``, written by deepcontent.waveforms) for the
+    # raw-audio front end (thesis ch. 5). ``window_frames`` counts samples for waveforms.
+    input: Literal["log_mel", "waveform"] = "log_mel"
+    # Regression targets: the item factors of the listening WMF ("plays") or of the tag WMF
+    # ("tags", the ISMIR 2014 tag source task; needs ``factorize.matrix=tags`` to have run).
+    targets: Literal["plays", "tags"] = "plays"
     # Keyword arguments of the model class (see deepcontent.models); n_factors and the window
     # length come from the data and ``window_frames``.
     model_params: dict[str, Any] = Field(default_factory=dict)
@@ -243,6 +250,18 @@ class TrainConfig(_Section):
     # "module:function" called on every worker after each epoch's report as
     # fn(epoch=, rank=, attempt=); a hook for fault-injection tests, None in production.
     epoch_hook: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if (self.model == "raw_audio") != (self.input == "waveform"):
+            raise ValueError(f"train.model={self.model!r} with train.input={self.input!r}: the raw_audio model reads "
+                             f"waveforms and the spectrogram models read log-mels")
+        if self.input == "waveform" and (self.gain_db > 0 or self.baseline):
+            raise ValueError("train.gain_db and train.baseline work on log-mels; set them to 0 / false with "
+                             "train.input=waveform")
+        if self.loss == "wpe" and self.targets != "plays":
+            raise ValueError("train.loss=wpe needs train.targets=plays (WPE weighs errors by the users' plays)")
+        return self
 
 
 class EmbedConfig(_Section):
@@ -299,8 +318,9 @@ class EvaluateConfig(_Section):
     # Methods in display order. CNN variants train (or reuse) a registered model of their own
     # without promoting it: cnn_mse / cnn_wpe = the paper CNN with that loss, deep_cnn = the
     # deeper CNN (MSE).
+    # raw_cnn = the raw-audio front end + paper CNN (MSE), trained on mono waveforms.
     methods: tuple[Literal["random", "bow_linear", "bow_mlp", "kmeans_linear", "cnn_mse", "cnn_wpe",
-                           "deep_cnn", "upper_bound"], ...] = (
+                           "deep_cnn", "raw_cnn", "upper_bound"], ...] = (
         "random", "bow_linear", "bow_mlp", "kmeans_linear", "cnn_mse", "cnn_wpe", "upper_bound")
     map_k: int = Field(500, ge=1)
     ndcg_k: int = Field(10, ge=1)
@@ -312,6 +332,16 @@ class EvaluateConfig(_Section):
     # vs spherical K-means features.
     transfer: bool = True
     transfer_folds: int = Field(10, ge=2)
+    # Harmonic / percussive / original late fusion on the GTZAN-layout set (ISMIR 2014 option):
+    # features of each component's log-mel, one SVM per component, decision scores averaged.
+    late_fusion: bool = False
+    # Source task "tags": WMF on songs × tags (run here when missing), regressors from audio to
+    # the tag factors, tag-prediction AUC / mAP of A′ = U′Vᵀ over the test songs.
+    tag_prediction: bool = True
+    # Regressors of tag factors, among bow_linear, kmeans_linear, cnn_tags (the paper CNN on the
+    # tag factors), random and upper_bound (test songs folded in from their own tags).
+    tag_methods: tuple[Literal["random", "bow_linear", "kmeans_linear", "cnn_tags", "upper_bound"], ...] = (
+        "random", "bow_linear", "kmeans_linear", "cnn_tags", "upper_bound")
     seed: int = 0
     # Where a copy of metrics.json and report.html goes on the local disk (also written to
     # <root>/evaluate/<run_id>/ in object storage).

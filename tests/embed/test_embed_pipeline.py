@@ -23,8 +23,9 @@ CLI = [sys.executable, "-m", "deepcontent.cli"]
 SETTINGS = ["synth.songs=60", "synth.users=600", "synth.clip_seconds=5", "synth.audio_format=wav",
             "synth.gtzan_per_genre=0", "synth.mtat_clips=0", "spark.master=local[2]", "factorize.factors=8",
             "train.epochs=2", "train.batch_size=16", "neighbors.k=5", "evaluate.mlp_epochs=5", "embed.in_process_max_clips=0",
-            "evaluate.kmeans_centroids=16"]
-COLD_START_METHODS = ("random", "bow_linear", "bow_mlp", "kmeans_linear", "cnn_mse", "cnn_wpe", "upper_bound")
+            "evaluate.kmeans_centroids=16",
+            "evaluate.methods=[random,bow_linear,bow_mlp,kmeans_linear,cnn_mse,cnn_wpe,raw_cnn,upper_bound]"]
+COLD_START_METHODS = ("random", "bow_linear", "bow_mlp", "kmeans_linear", "cnn_mse", "cnn_wpe", "raw_cnn", "upper_bound")
 
 
 def cli(args, cwd, timeout=900):
@@ -123,6 +124,18 @@ def test_pipeline_ends_with_the_cold_start_evaluation_and_a_report(demo):
     prod = json.loads((workdir / ".deepcontent" / "s3" / "deepcontent" / "models" / "production.json").read_text())
     assert prod["model_version"] == result["train"]["model_version"]
     assert result["evaluate"]["source"]["cnn_wpe"]["model_version"] != prod["model_version"]
+    # the raw-audio CNN trained on the published waveforms, one per train / valid / test track
+    raw = result["evaluate"]["source"]["raw_cnn"]
+    assert raw["model_version"] not in (prod["model_version"], result["evaluate"]["source"]["cnn_mse"]["model_version"])
+    assert raw["test_songs_without_audio"] == 0 and np.isfinite(raw["valid_nmse"])
+    # the tag source task: every regressor scored, the fold-in upper bound above chance
+    tags = result["evaluate"]["tag_prediction"]
+    assert tuple(tags["methods"]) == ("random", "bow_linear", "kmeans_linear", "cnn_tags", "upper_bound")
+    assert tags["test_songs"] >= 2 and tags["tags"] >= 1
+    for m in tags["methods"].values():
+        assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["map"] <= 1.0
+    assert tags["methods"]["upper_bound"]["auc"] > tags["methods"]["random"]["auc"]
+    assert "Tag prediction (source task)" in html
 
 
 def test_nightly_rerun_publishes_nothing_and_new_tracks_are_embedded_exactly_once(demo):

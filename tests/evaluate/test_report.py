@@ -41,12 +41,20 @@ def _world():
         "cold_start": cold,
         "source": {"bow_linear": {"valid_nmse": 0.93, "tag_auc": 0.71},
                    "cnn_mse": {"valid_nmse": 0.78, "tag_auc": 0.82}},
+        "tag_prediction": {"methods": {"random": {"auc": 0.50, "map": 0.11},
+                                       "cnn_tags": {"auc": 0.74, "map": 0.31, "valid_nmse": 0.81},
+                                       "upper_bound": {"auc": 0.97, "map": 0.83}},
+                           "test_songs": 120, "tags": 35},
         "transfer": {
             "gtzan": {
                 "kmeans": {"mean": 0.80, "std": 0.05, "per_fold": [0.8] * 10, "chosen_C": [0.01] * 10,
                            "confusion": [[27, 2, 1], [4, 23, 3], [3, 5, 22]], "classes": GENRES},
                 "cnn_mse": {"mean": 78 / 90, "std": 0.04, "per_fold": [78 / 90] * 10, "chosen_C": [0.1] * 10,
                             "confusion": confusion, "classes": GENRES},
+                # late fusion: one C per fused feature set in each fold
+                "kmeans_hpss_fusion": {"mean": 0.82, "std": 0.05, "per_fold": [0.82] * 10,
+                                       "chosen_C": [[0.01, 0.1, 1.0]] * 10, "confusion": [[27, 2, 1], [3, 24, 3], [3, 4, 23]],
+                                       "classes": GENRES},
             },
             "mtat": {"cnn_mse": {"top50": {"auc_mean": 0.86, "n_tags_evaluated": 50, "chosen_C": 0.01},
                                  "all": {"auc_mean": 0.81, "n_tags_evaluated": 180, "chosen_C": 0.01}}},
@@ -112,8 +120,8 @@ def test_report_is_self_contained_with_every_figure(report):
     assert "http://" not in text and "https://" not in text
     assert not re.search(r"""(?:src|href)\s*=\s*["'](?!data:|#)""", text)  # only inline data and anchors
     tags = _parse(text)
-    # cold-start bars, map, training curves, confusion for gtzan (mtat has none)
-    assert len(tags.imgs) == tags.figures == tags.captions == 4
+    # cold-start bars, map, training curves, tag-prediction bars, confusion for gtzan (mtat has none)
+    assert len(tags.imgs) == tags.figures == tags.captions == 5
     for img in tags.imgs:
         assert img["src"].startswith("data:image/png;base64,iVBORw0KGgo")  # PNG signature
         assert img["alt"].strip()
@@ -129,6 +137,10 @@ def test_report_is_self_contained_with_every_figure(report):
     # transfer: accuracy with its std, the best feature set's confusion matrix, the MTAT tag AUCs
     assert "0.867 ± 0.040" in text and "Confusion matrix for gtzan with cnn_mse features" in text
     assert "tag AUC (top50)" in text and "tag AUC (all)" in text
+    assert "kmeans_hpss_fusion" in text and "C chosen per fold: 0.01, 0.1, 1" in text
+    # the tag source task: a row per regressor with AUC and mAP
+    assert '<td class="name">cnn_tags</td><td>0.7400</td><td>0.3100</td><td>0.8100</td>' in text
+    assert "120 test songs, 35 tags" in text
     assert "valid NMSE" in text
 
 
@@ -142,7 +154,8 @@ def test_missing_sections_become_notes():
     text = render_report({"cold_start": {"random": {"map500": 0.001, "auc": 0.5, "ndcg10": 0.0, "recall50": 0.01}}})
     for note in ("No embeddings were given for the map.", "No query tracks were given.",
                  "No training history was given.", "No source-task results in this run.",
-                 "No transfer results in this run.", "No descriptor correlations in this run."):
+                 "No transfer results in this run.", "No descriptor correlations in this run.",
+                 "No tag-prediction results in this run."):
         assert note in text
     tags = _parse(text)
     assert len(tags.imgs) == tags.figures == 1  # the bars only
@@ -194,9 +207,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     dom = _run_chromium(binary, tmp_path, "--dump-dom", out.resolve().as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
     tags = _parse(dom.stdout)
-    assert tags.figures == 4 and len(tags.imgs) == 4
-    assert tags.body.get("data-images") == "4", dom.stdout[:500]
-    assert tags.body.get("data-images-loaded") == "4"  # every image decoded (naturalWidth > 0)
+    assert tags.figures == 5 and len(tags.imgs) == 5
+    assert tags.body.get("data-images") == "5", dom.stdout[:500]
+    assert tags.body.get("data-images-loaded") == "5"  # every image decoded (naturalWidth > 0)
     png = tmp_path / "report.png"
     shot = _run_chromium(binary, tmp_path, f"--screenshot={png}", out.resolve().as_uri())
     assert shot.returncode == 0, shot.stderr[-2000:]

@@ -141,6 +141,10 @@ def run_embed(cfg: Config, storage: Storage, warehouse) -> EmbedResult:
     ec = cfg.embed
     version = ec.model_version or production_version(storage)
     _, artifact = load_model(storage, version)
+    if artifact.get("input", "log_mel") != "log_mel" or artifact.get("targets", "plays") != "plays":
+        raise ValueError(f"embed: model {version} reads {artifact.get('input')} and predicts {artifact.get('targets')} "
+                         f"factors; the embeddings table needs a log-mel model of the listening factors "
+                         f"(set embed.model_version to one)")
     settings_key = artifact["spectrograms"]["settings_key"]
     run_id = new_run_id(STAGE)
     manifest = RunManifest(STAGE, run_id, cfg.public_dict(), cfg.fingerprint("embed"))

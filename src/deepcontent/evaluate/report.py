@@ -16,6 +16,10 @@ Input layout
       "source": {                          # source-task metrics per model
         "cnn_mse": {"valid_nmse": float, "tag_auc": float, ...}, ...
       },
+      "tag_prediction": {                  # the tag source task: A′ = U′Vᵀ on the test songs
+        "methods": {"cnn_tags": {"auc": float, "map": float, "valid_nmse": float}, ...},
+        "test_songs": int, "tags": int,    # or {"skipped": reason}
+      },
       "transfer": {                        # per target data set, per feature set
         "gtzan": {"kmeans": <nested_cv_svm_accuracy result>, "cnn_mse": {...}},
         "mtat":  {"cnn_mse": <mtat_tag_auc result {"top50": <tag_auc result>, "all": ...}>
@@ -377,6 +381,40 @@ def _source(results) -> str:
                     "the variance of the targets.</p>", "source")
 
 
+# -- tag prediction (source task) -------------------------------------------------------------
+
+def _tag_prediction(results) -> str:
+    """Per regressor of tag factors: per-tag AUC and mAP of A′ = U′Vᵀ on the test songs, bars + table."""
+    title = "Tag prediction (source task)"
+    methods = results.get("methods") if isinstance(results, Mapping) else None
+    if not isinstance(methods, Mapping) or not methods:
+        reason = results.get("skipped") if isinstance(results, Mapping) else None
+        return _section(title, _note(f"No tag-prediction results in this run{': ' + reason if reason else ''}."),
+                        "tags")
+    names = [m for m, r in methods.items() if isinstance(r, Mapping)]
+    rows = "".join(
+        f'<tr><td class="name">{_e(m)}</td><td>{_fmt(methods[m].get("auc"))}</td><td>{_fmt(methods[m].get("map"))}</td>'
+        f'<td>{_fmt(methods[m].get("valid_nmse"))}</td></tr>' for m in names)
+    fig = _new_figure(7.0, 3.2)
+    for j, key in enumerate(("auc", "map")):
+        ax = fig.add_subplot(1, 2, j + 1)
+        values = [float(methods[m].get(key)) if _is_number(methods[m].get(key)) else 0.0 for m in names]
+        ax.barh(np.arange(len(names)), values, color=["#888" if m == "upper_bound" else "#3b6ea5" for m in names])
+        ax.set_yticks(np.arange(len(names)), names if j == 0 else [""] * len(names))
+        ax.invert_yaxis()
+        ax.set_xlabel("per-tag AUC" if key == "auc" else "per-tag mAP")
+    fig.tight_layout()
+    body = (f"<p>{_e(results.get('test_songs', '?'))} test songs, {_e(results.get('tags', '?'))} tags. Each regressor "
+            "predicts the test songs' tag-WMF factors U′ from audio; tags are scored by A′ = U′Vᵀ and each tag ranks "
+            "the test songs (AUC and average precision per tag, averaged over tags). The upper bound folds the test "
+            "songs in from their own tags.</p>"
+            + _figure(fig, alt="Tag prediction AUC and mAP per method",
+                      caption="Tag prediction from audio: per-tag AUC and mAP on the test songs.")
+            + '<table><tr><th class="name">method</th><th>AUC</th><th>mAP</th><th>valid NMSE</th></tr>'
+            + rows + "</table>")
+    return _section(title, body, "tags")
+
+
 # -- interpretation ---------------------------------------------------------------------------
 
 def _interpretation(results) -> str:
@@ -405,7 +443,8 @@ def _transfer_rows(dataset: str, features: str, result, label: str = ""):
     if _is_number(result):
         yield dataset, features, label or "value", _fmt(result), ""
     elif isinstance(result, Mapping) and "mean" in result:
-        cs = result.get("chosen_C") or []
+        # one C per outer fold, or per fold one C per fused feature set
+        cs = [c for fold in result.get("chosen_C") or [] for c in (fold if isinstance(fold, list) else [fold])]
         detail = f"C chosen per fold: {', '.join(f'{c:g}' for c in sorted(set(cs)))}" if cs else ""
         value = f"{_fmt(result['mean'], 3)} ± {_fmt(result.get('std'), 3)}"
         yield dataset, features, label or "accuracy", value, detail
@@ -515,13 +554,15 @@ def render_report(
         _neighbors(figures_data.get("neighbors")),
         _training_curves(figures_data.get("training_curves")),
         _source(metrics.get("source")),
+        _tag_prediction(metrics.get("tag_prediction")),
         _transfer(metrics.get("transfer")),
         _interpretation(metrics.get("interpretation")),
     ]
     toc = " · ".join(
         f'<a href="#{a}">{t}</a>'
         for a, t in [("cold-start", "cold start"), ("map", "map"), ("neighbors", "neighbours"),
-                     ("training", "training"), ("source", "source task"), ("transfer", "transfer"),
+                     ("training", "training"), ("source", "source task"), ("tags", "tag prediction"),
+                     ("transfer", "transfer"),
                      ("interpretation", "interpretation")]
     )
     page = (

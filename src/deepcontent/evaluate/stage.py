@@ -29,6 +29,7 @@ descriptor (:mod:`deepcontent.evaluate.descriptors`); and a self-contained HTML 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -69,7 +70,8 @@ class EvaluateResult(StageResult):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "cold_start": self.metrics.get("cold_start", {}),
-                "source": self.metrics.get("source", {}), "transfer": self.metrics.get("transfer", {}),
+                "source": self.metrics.get("source", {}), "tag_prediction": self.metrics.get("tag_prediction", {}),
+                "transfer": self.metrics.get("transfer", {}),
                 "report": self.report}
 
 
@@ -124,6 +126,8 @@ class _Split:
         self.test_plays = test_plays[:, self.test_cols].tocsr()
         self.eval_users = np.flatnonzero(self.has_factors & (np.diff(self.test_plays.indptr) > 0))
         by_track = {t: i for i, t in enumerate(spec["track_id"].to_pylist())}
+        self._spec, self._by_track = spec, by_track
+        self.track_of_song = track_of
         self.test_mels = _mels(spec.take(pa.array([by_track[t] for t in self.test_tracks], pa.int64())))
 
         # train / valid regressor data (the train stage's own split and standardisation)
@@ -132,6 +136,10 @@ class _Split:
         self.valid_mels = _mels(spec.take(pa.array([by_track[t] for t in self.data.valid["track_id"].to_pylist()], pa.int64())))
         self.y_train = list_matrix(self.data.train["target"])
         self.y_valid = list_matrix(self.data.valid["target"])
+
+    def mels_of(self, track_ids: list[str]) -> list[np.ndarray]:
+        """Log-mels ``(n_mels, n_frames)`` float32 of tracks that have a spectrogram."""
+        return _mels(self._spec.take(pa.array([self._by_track[t] for t in track_ids], pa.int64())))
 
     def raw(self, z: np.ndarray) -> np.ndarray:
         """Standardised predictions -> WMF units."""
@@ -167,6 +175,7 @@ def _bow(cfg: Config, s: _Split, cache: dict) -> tuple:
                 best = (nmse, words, bow, x_tr, x_va)
         _, words, bow, x_tr, x_va = best
         cache["bow"] = (x_tr, x_va, bow.transform(s.test_mels), words)
+        cache["bow_model"] = bow
     return cache["bow"]
 
 
@@ -203,15 +212,21 @@ def _method_kmeans_linear(cfg, s, cache, rt):
     return s.raw(model.predict(x_te)), {"valid_nmse": nmse, "l2": l2, "centroids": km.n_centroids}
 
 
+def _variant(cfg: Config, **train: Any) -> Config:
+    """``cfg`` with some ``train`` settings replaced, validated together (a raw-audio model and
+    its waveform input must change at once)."""
+    from deepcontent.config import TrainConfig
+
+    return cfg.model_copy(update={"train": TrainConfig.model_validate({**cfg.train.model_dump(), **train})})
+
+
 def _cnn(name: str):
     def method(cfg, s, cache, rt):
         from deepcontent.embed.pooling import clip_outputs
         from deepcontent.train.registry import load_model, registered
         from deepcontent.train.stage import run_train
 
-        variant = cfg.model_copy(deep=True)
-        for key, value in CNN_VARIANTS[name].items():
-            setattr(variant.train, key, value)
+        variant = _variant(cfg, **CNN_VARIANTS[name])
         rt.ensure_ray()
         result = run_train(variant, rt.storage, promote=False)
         model, artifact = load_model(rt.storage, result.model_version)
@@ -229,6 +244,46 @@ def _cnn(name: str):
     return method
 
 
+def _method_raw_cnn(cfg, s, cache, rt):
+    """The raw-audio front end + paper CNN (thesis ch. 5), trained with MSE on mono waveforms of
+    the train / valid songs (:mod:`deepcontent.waveforms`); a window of ``train.window_frames``
+    spectrogram frames is the same span of samples, and the front end's filters are one hop
+    long so the back end sees the spectrogram's frame rate."""
+    from deepcontent.embed.pooling import clip_outputs
+    from deepcontent.train.registry import load_model, registered
+    from deepcontent.train.stage import run_train
+    from deepcontent.waveforms import WAVEFORMS, publish_waveforms
+
+    hop = cfg.spectrograms.hop_length
+    tracks = s.data.train["track_id"].to_pylist() + s.data.valid["track_id"].to_pylist() + s.test_tracks
+    waves = publish_waveforms(cfg, rt.storage, track_ids=tracks)
+    variant = _variant(cfg, model="raw_audio", input="waveform", loss="mse", window_frames=cfg.train.window_frames * hop,
+                       model_params={"filter_length": hop}, gain_db=0.0, baseline=False)
+    rt.ensure_ray()
+    result = run_train(variant, rt.storage, promote=False)
+    model, artifact = load_model(rt.storage, result.model_version)
+    table = rt.storage.read_dataset(rt.storage.uri(WAVEFORMS), columns=["track_id", "n_mels", "n_frames", "mel"])
+    table = table.filter(pc.is_in(table["track_id"], value_set=pa.array(s.test_tracks, pa.string())))
+    clips = dict(zip(table["track_id"].to_pylist(), _mels(table)))
+    have = [t for t in s.test_tracks if t in clips]
+    pred_have, _ = clip_outputs(model, [clips[t] for t in have], n_frames=artifact["window_frames"],
+                                target_mean=artifact["target_mean"], target_std=artifact["target_std"],
+                                windows_per_forward=16)
+    # a test song whose audio did not decode again gets the train mean (counted below)
+    pred = np.tile(np.asarray(artifact["target_mean"], np.float32), (len(s.test_tracks), 1))
+    rows = {t: i for i, t in enumerate(have)}
+    for i, t in enumerate(s.test_tracks):
+        if t in rows:
+            pred[i] = pred_have[rows[t]]
+    curve = (registered(rt.storage, result.model_version) or {}).get("curve", [])
+    cache.setdefault("curves", {})["raw_cnn"] = {"epoch": [h["epoch"] for h in curve],
+                                                 "train_loss": [h["train_loss"] for h in curve],
+                                                 "valid_nmse": [h["valid_nmse"] for h in curve]}
+    return pred, {"valid_nmse": result.metrics.get("valid_nmse"), "model_version": result.model_version,
+                  "test_songs_without_audio": len(s.test_tracks) - len(have),
+                  "waveform_tracks_left_out": len(waves["left_out"])}
+
+
 def _method_random(cfg, s, cache, rt):
     rng = np.random.default_rng(cfg.evaluate.seed)
     return rng.standard_normal((len(s.test_tracks), s.user_factors.shape[1])).astype(np.float32), {}
@@ -243,54 +298,172 @@ def _method_upper_bound(cfg, s, cache, rt):
 METHODS: dict[str, Callable] = {
     "random": _method_random, "bow_linear": _method_bow_linear, "bow_mlp": _method_bow_mlp,
     "kmeans_linear": _method_kmeans_linear, "cnn_mse": _cnn("cnn_mse"), "cnn_wpe": _cnn("cnn_wpe"),
-    "deep_cnn": _cnn("deep_cnn"), "upper_bound": _method_upper_bound,
+    "deep_cnn": _cnn("deep_cnn"), "raw_cnn": _method_raw_cnn, "upper_bound": _method_upper_bound,
 }
 
 
+# ----------------------------------------------------------------------------- tag source task
+def _tag_prediction(cfg: Config, storage: Storage, s: _Split, cache: dict, rt) -> dict:
+    """The ISMIR 2014 tag source task: WMF on songs × tags (train songs; run here when missing)
+    gives song factors U and tag factors V; each regressor predicts U′ for the test songs from
+    audio, and the tag scores A′ = U′Vᵀ rank the test songs per tag against their actual tags.
+    Reported per method: mean per-tag AUC and mAP (over all test songs), and validation NMSE.
+
+    Test songs are those of the cold-start experiment that have at least one tag; tags count
+    when they have factors (they occur on train songs) and at least one test song."""
+    from deepcontent.factorize.stage import run_factorize
+    from deepcontent.matrices import TAG_INDEX
+    from deepcontent.train.data import TrainingDataError, build_targets, list_matrix
+
+    ec, fc = cfg.evaluate, cfg.factorize
+    exports = storage.published(storage.uri(EXPORTS))
+    files = {f.rsplit("/", 1)[1]: join(storage.uri(EXPORTS), f) for f in exports["files"]}
+    if "item_tags_train.npz" not in files or load_csr(storage, files["item_tags_train.npz"]).nnz == 0:
+        return {"skipped": "no tags on train songs: the catalog has no tag matrix to factorise"}
+    tag_cfg = cfg.model_copy(update={"factorize": fc.model_copy(update={"matrix": "tags"})})
+    run_factorize(tag_cfg, storage, rt.spark if fc.backend == "spark" else None)
+    try:
+        data = build_targets(storage, matrix="tags")
+    except TrainingDataError as exc:
+        return {"skipped": str(exc)[:300]}
+
+    tags_test = load_csr(storage, files["item_tags_test.npz"])[s.test_cols].tocsr()
+    tagged = np.flatnonzero(np.diff(tags_test.indptr) > 0)
+    if len(tagged) < 2:
+        return {"skipped": f"{len(tagged)} test songs with tags: too few to rank"}
+    tags_test = tags_test[tagged]
+    truth = tags_test.T.tocsr()  # tags × test songs
+    vt = storage.read_dataset(storage.uri(factors_dataset("tags", "tag_factors")))
+    index = storage.read_dataset(storage.uri(TAG_INDEX))
+    rows = pc.take(index["idx"], pc.index_in(vt["tag"], value_set=index["tag"])).to_numpy(zero_copy_only=False)
+    V = np.zeros((truth.shape[0], factors_matrix(vt).shape[1]), np.float32)
+    V[rows.astype(np.int64)] = factors_matrix(vt)
+    has_v = np.zeros(truth.shape[0], bool)
+    has_v[rows.astype(np.int64)] = True
+    eval_tags = np.flatnonzero(has_v & (np.diff(truth.indptr) > 0))
+    test_mels = [s.test_mels[i] for i in tagged]
+    y_train, y_valid = list_matrix(data.train["target"]), list_matrix(data.valid["target"])
+
+    def unstd(z):
+        return (z * data.target_std + data.target_mean).astype(np.float32)
+
+    def linear(features):
+        x_tr = features.transform(s.mels_of(data.train["track_id"].to_pylist()))
+        x_va = features.transform(s.mels_of(data.valid["track_id"].to_pylist()))
+        model, nmse, l2 = _linear_on_valid(x_tr, y_train, x_va, y_valid)
+        return unstd(model.predict(features.transform(test_mels))), {"valid_nmse": nmse, "l2": l2}
+
+    def cnn_tags():
+        from deepcontent.embed.pooling import clip_outputs
+        from deepcontent.train.registry import load_model
+        from deepcontent.train.stage import run_train
+
+        rt.ensure_ray()
+        result = run_train(_variant(cfg, model="paper_cnn", input="log_mel", targets="tags", loss="mse"), storage,
+                           promote=False)
+        model, artifact = load_model(storage, result.model_version)
+        pred, _ = clip_outputs(model, test_mels, n_frames=artifact["window_frames"], target_mean=artifact["target_mean"],
+                               target_std=artifact["target_std"])
+        return pred, {"valid_nmse": result.metrics.get("valid_nmse"), "model_version": result.model_version}
+
+    def method(name):
+        if name == "random":
+            rng = np.random.default_rng(ec.seed)
+            return rng.standard_normal((len(tagged), V.shape[1])).astype(np.float32), {}
+        if name == "bow_linear":
+            _bow(cfg, s, cache)
+            return linear(cache["bow_model"])
+        if name == "kmeans_linear":
+            return linear(_kmeans(cfg, s, cache))
+        if name == "cnn_tags":
+            return cnn_tags()
+        # upper bound: the test songs folded in from their own tags with V fixed
+        return fold_in(tags_test, V, alpha=fc.alpha, eps=fc.eps, regularization=fc.regularization), {}
+
+    out = {}
+    for name in ec.tag_methods:
+        t0 = time.perf_counter()
+        U, info = method(name)
+        m = cold_start_metrics(V, U, truth, users=eval_tags, map_k=len(tagged), ndcg_k=ec.ndcg_k, recall_k=ec.recall_k)
+        out[name] = {"auc": float(m["auc"]), "map": float(m[f"map{len(tagged)}"]), **info}
+        log.info("evaluate: tag prediction %-13s AUC %.4f  mAP %.4f  (%.1fs)", name, out[name]["auc"], out[name]["map"],
+                 time.perf_counter() - t0)
+    return {"methods": out, "test_songs": int(len(tagged)), "tags": int(len(eval_tags)),
+            "train_songs": data.counts["train_songs"]}
+
+
 # ----------------------------------------------------------------------------- transfer
-def _clip_mels(cfg: Config, storage: Storage, uris: list[str]) -> tuple[list[np.ndarray], list[int], dict[str, str]]:
+def _clip_mels(cfg: Config, storage: Storage, uris: list[str], *,
+               hpss: bool = False) -> tuple[dict[str, list[np.ndarray]], list[int], dict[str, str]]:
     """Log-mels of the target-set clips at ``uris`` (decoded here: they are not in the catalog),
-    the indices that decoded, and ``{uri: reason}`` for those that did not (left out, counted)."""
+    the indices that decoded, and ``{uri: reason}`` for those that did not (left out, counted).
+
+    Returns ``{"mel": [...]}`` — plus ``"harmonic"`` and ``"percussive"`` with ``hpss`` — each a
+    list of float32 ``(n_mels, n_frames)`` arrays, one per kept clip."""
     from deepcontent.audio.features import compute_log_mel
     from deepcontent.spectrograms import mel_settings
 
     settings = mel_settings(cfg.spectrograms)
-    mels, kept, skipped = [], [], {}
+    if hpss != settings.hpss:
+        settings = dataclasses.replace(settings, hpss=hpss)
+    parts = ("mel", "harmonic", "percussive") if hpss else ("mel",)
+    clips: dict[str, list[np.ndarray]] = {p: [] for p in parts}
+    kept, skipped = [], {}
     for i, uri in enumerate(uris):
         try:
-            mels.append(np.asarray(compute_log_mel(storage.read_bytes(uri), settings=settings)["mel"], np.float32))
-            kept.append(i)
+            result = compute_log_mel(storage.read_bytes(uri), settings=settings)
         except Exception as exc:  # a missing or undecodable clip: recorded, the rest goes on
             skipped[uri] = f"{getattr(exc, 'reason', type(exc).__name__)}: {exc}"[:300]
             log.warning("evaluate: target-set clip %s left out: %s", uri, skipped[uri])
-    return mels, kept, skipped
+            continue
+        for p in parts:
+            clips[p].append(np.asarray(result[p], np.float32))
+        kept.append(i)
+    return clips, kept, skipped
 
 
-def _gtzan(cfg: Config, storage: Storage) -> tuple[list[np.ndarray], list[str], dict[str, str]]:
+def _gtzan(cfg: Config, storage: Storage, *, hpss: bool = False) -> tuple[dict[str, list[np.ndarray]], list[str], dict[str, str]]:
     base = storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.gtzan)
     uris = [o.uri for o in storage.list(base)]
-    mels, kept, skipped = _clip_mels(cfg, storage, uris)
+    clips, kept, skipped = _clip_mels(cfg, storage, uris, hpss=hpss)
     labels = [uris[i][len(base):].strip("/").split("/")[0] for i in kept]
-    return mels, labels, skipped
+    return clips, labels, skipped
 
 
-def _transfer(cfg: Config, storage: Storage, s: _Split, cache: dict) -> dict:
+def _transfer_features(cfg: Config, s: _Split, cache: dict, mels: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Transfer features of target-set clips: spherical K-means, and per trained CNN variant its
+    predicted factors and penultimate layer (window averages)."""
     from deepcontent.embed.pooling import clip_outputs
-    from deepcontent.evaluate.transfer import nested_cv_svm_accuracy
 
-    mels, labels, skipped = _gtzan(cfg, storage)
-    if len(set(labels)) < 2 or min(labels.count(g) for g in set(labels)) < cfg.evaluate.transfer_folds:
-        return {"gtzan": {"skipped": f"{len(mels)} clips in {len(set(labels))} genres: too few for "
-                                     f"{cfg.evaluate.transfer_folds}-fold CV", "clips_left_out": skipped}}
     feats = {"kmeans": _kmeans(cfg, s, cache).transform(mels)}
     for name, (model, kw, _) in cache.get("cnn_models", {}).items():
         pred, emb = clip_outputs(model, mels, **kw)
-        feats[f"{name}_factors"] = pred
-        feats[f"{name}_penultimate"] = emb
+        feats[f"{name}_factors"], feats[f"{name}_penultimate"] = pred, emb
+    return feats
+
+
+def _transfer(cfg: Config, storage: Storage, s: _Split, cache: dict) -> dict:
+    """GTZAN-layout genre accuracy (nested CV) per feature set — with ``evaluate.late_fusion``
+    also the harmonic / percussive / original late fusion of each — and the MTAT-layout tag AUC."""
+    from deepcontent.evaluate.transfer import late_fusion_svm_accuracy, nested_cv_svm_accuracy
+
+    ec = cfg.evaluate
+    clips, labels, skipped = _gtzan(cfg, storage, hpss=ec.late_fusion)
+    mels = clips["mel"]
+    if len(set(labels)) < 2 or min(labels.count(g) for g in set(labels)) < ec.transfer_folds:
+        return {"gtzan": {"skipped": f"{len(mels)} clips in {len(set(labels))} genres: too few for "
+                                     f"{ec.transfer_folds}-fold CV", "clips_left_out": skipped}}
+    feats = _transfer_features(cfg, s, cache, mels)
     out = {}
     for name, x in feats.items():
-        r = nested_cv_svm_accuracy(x, labels, folds=cfg.evaluate.transfer_folds, seed=cfg.evaluate.seed)
-        out[name] = _jsonable(r)
+        out[name] = _jsonable(nested_cv_svm_accuracy(x, labels, folds=ec.transfer_folds, seed=ec.seed))
+    if ec.late_fusion:
+        # the same feature extractors on each HPSS component, one SVM per component, scores averaged
+        parts = {p: _transfer_features(cfg, s, cache, clips[p]) for p in ("harmonic", "percussive")}
+        for name, x in feats.items():
+            fused = late_fusion_svm_accuracy([x, parts["harmonic"][name], parts["percussive"][name]], labels,
+                                             folds=ec.transfer_folds, seed=ec.seed)
+            out[f"{name}_hpss_fusion"] = _jsonable(fused)
     log.info("evaluate: GTZAN-layout transfer accuracy %s",
              ", ".join(f"{n} {r['mean']:.3f}±{r['std']:.3f}" for n, r in out.items() if "mean" in r))
     if skipped:
@@ -312,7 +485,6 @@ def _mtat(cfg: Config, storage: Storage, s: _Split, cache: dict) -> dict:
     set: ``annotations_final.csv`` + clips, features as for GTZAN."""
     import csv
 
-    from deepcontent.embed.pooling import clip_outputs
     from deepcontent.evaluate.transfer import mtat_tag_auc
 
     base = storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.mtat)
@@ -322,16 +494,14 @@ def _mtat(cfg: Config, storage: Storage, s: _Split, cache: dict) -> dict:
     rows = list(csv.reader(io.StringIO(storage.read_bytes(ann).decode("utf-8")), delimiter="\t"))
     header, rows = rows[0], [r for r in rows[1:] if r]
     tag_names = header[1:-1]
-    mels, kept, skipped = _clip_mels(cfg, storage, [join(base, r[-1]) for r in rows])
+    clips, kept, skipped = _clip_mels(cfg, storage, [join(base, r[-1]) for r in rows])
+    mels = clips["mel"]
     tags = [[int(v) for v in rows[i][1:-1]] for i in kept]
     paths = [rows[i][-1] for i in kept]
     if len(mels) < 20:
         return {"skipped": f"{len(mels)} usable MagnaTagATune-layout clips: too few", "clips_left_out": skipped}
     T = np.asarray(tags, np.int8)
-    feats = {"kmeans": _kmeans(cfg, s, cache).transform(mels)}
-    for name, (model, kw, _) in cache.get("cnn_models", {}).items():
-        pred, emb = clip_outputs(model, mels, **kw)
-        feats[f"{name}_factors"], feats[f"{name}_penultimate"] = pred, emb
+    feats = _transfer_features(cfg, s, cache, mels)
     out = {}
     for name, x in feats.items():
         try:
@@ -423,13 +593,18 @@ def run_evaluate(cfg: Config, storage: Storage, rt) -> EvaluateResult:
         log.info("evaluate: %-13s mAP@%d %.4f  AUC %.4f  NDCG@%d %.4f  recall@%d %.4f  (%.1fs)", name, ec.map_k,
                  m[f"map{ec.map_k}"], m["auc"], ec.ndcg_k, m[f"ndcg{ec.ndcg_k}"], ec.recall_k, m[f"recall{ec.recall_k}"],
                  time.perf_counter() - t0)
+    tags = {}
+    if ec.tag_prediction:
+        with manifest.timed("tag_prediction"):
+            tags = _tag_prediction(cfg, storage, s, cache, rt)
     transfer = {}
     if ec.transfer:
         with manifest.timed("transfer"):
             transfer = _transfer(cfg, storage, s, cache)
     with manifest.timed("interpretation"):
         interpretation = _interpretation(cfg, s, cache)
-    metrics = {"cold_start": cold, "source": source, "transfer": transfer, "interpretation": interpretation,
+    metrics = {"cold_start": cold, "source": source, "tag_prediction": tags, "transfer": transfer,
+               "interpretation": interpretation,
                "run": {"run_id": run_id, "test_songs": len(s.test_tracks), "users": len(s.eval_users),
                        "train_songs": s.data.counts["train_songs"], "valid_songs": s.data.counts["valid_songs"]}}
     with manifest.timed("report"):

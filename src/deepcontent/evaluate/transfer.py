@@ -8,7 +8,8 @@ Pure functions over feature matrices (n_clips, d):
   validation part, ROC AUC per tag on the test part; :func:`mtat_part_split`,
   :func:`most_frequent_tags` and :func:`mtat_tag_auc` give the standard top-50 / all-tags setup.
 - :func:`late_fusion` — averages decision scores of models trained on different inputs
-  (original / harmonic / percussive spectrograms).
+  (original / harmonic / percussive spectrograms); :func:`late_fusion_svm_accuracy` is the
+  nested-CV accuracy of such a fusion.
 - :func:`descriptor_correlations` — which embedding dimension tracks each hand-crafted
   descriptor (loudness, onset rate…), by Pearson r.
 
@@ -33,6 +34,7 @@ __all__ = [
     "MTAT_SPLITS",
     "descriptor_correlations",
     "late_fusion",
+    "late_fusion_svm_accuracy",
     "most_frequent_tags",
     "mtat_part_split",
     "mtat_tag_auc",
@@ -114,10 +116,43 @@ def nested_cv_svm_accuracy(
         predicted, summed over the outer folds, so it sums to n), ``classes`` (sorted labels, the
         order of the confusion matrix's rows and columns).
     """
+    return _nested_cv([features], labels, folds=folds, inner_folds=inner_folds, Cs=Cs, seed=seed)
+
+
+def late_fusion_svm_accuracy(
+    feature_sets: Sequence[np.ndarray],
+    labels: Sequence,
+    *,
+    folds: int = 10,
+    inner_folds: int = 5,
+    Cs: Iterable[float] = DEFAULT_CS,
+    seed: int = 0,
+) -> dict:
+    """Nested-CV accuracy of late fusion: one L2-SVM per feature set (e.g. features of the
+    original, harmonic and percussive spectrograms of the same clips), each with its own C
+    chosen by the inner CV, decision scores averaged (:func:`late_fusion`) on the held-out fold.
+
+    Parameters
+    ----------
+    feature_sets : sequence of np.ndarray, each (n, d_i)
+        Rows are the same clips in the same order; widths may differ.
+    labels, folds, inner_folds, Cs, seed
+        As in :func:`nested_cv_svm_accuracy`, whose result this returns too (``chosen_C`` is
+        then one list per outer fold with one C per feature set). The outer folds are the same
+        as :func:`nested_cv_svm_accuracy`'s for the same ``seed``, so the two are comparable fold
+        by fold.
+    """
+    if isinstance(feature_sets, np.ndarray) or not len(feature_sets):
+        raise ValueError("feature_sets must be a non-empty sequence of (n, d) arrays")
+    return _nested_cv(list(feature_sets), labels, folds=folds, inner_folds=inner_folds, Cs=Cs, seed=seed)
+
+
+def _nested_cv(feature_sets: list, labels, *, folds: int, inner_folds: int, Cs, seed: int) -> dict:
     y = np.asarray(labels)
     if y.ndim != 1:
         raise ValueError(f"labels must be 1-D (n,), got shape {y.shape}")
-    X = _check_features(features, len(y))
+    Xs = [_check_features(f, len(y), name="features" if len(feature_sets) == 1 else f"feature_sets[{i}]")
+          for i, f in enumerate(feature_sets)]
     folds, inner_folds = _check_folds(folds, "folds"), _check_folds(inner_folds, "inner_folds")
     # ascending, because GridSearchCV breaks ties by grid order: a tie goes to the smallest C
     cs = sorted(_check_cs(Cs))
@@ -135,19 +170,25 @@ def nested_cv_svm_accuracy(
     outer = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     per_fold, chosen = [], []
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    for train, test in outer.split(X, y):
-        search = GridSearchCV(
-            make_pipeline(StandardScaler(), _svm(1.0, seed)),
-            {"linearsvc__C": list(cs)},
-            cv=StratifiedKFold(n_splits=inner_folds, shuffle=True, random_state=seed),
-            scoring="accuracy",
-            refit=True,
-            n_jobs=1,
-        )
-        search.fit(X[train], y[train])
-        pred = search.predict(X[test])
+    for train, test in outer.split(Xs[0], y):
+        scores, cs_fold = [], []
+        for X in Xs:
+            search = GridSearchCV(
+                make_pipeline(StandardScaler(), _svm(1.0, seed)),
+                {"linearsvc__C": list(cs)},
+                cv=StratifiedKFold(n_splits=inner_folds, shuffle=True, random_state=seed),
+                scoring="accuracy",
+                refit=True,
+                n_jobs=1,
+            )
+            search.fit(X[train], y[train])
+            scores.append(search.decision_function(X[test]))
+            cs_fold.append(float(search.best_params_["linearsvc__C"]))
+        fused = late_fusion(scores) if len(scores) > 1 else scores[0]
+        # two classes: one signed score (positive = classes[1]), as LinearSVC itself decides
+        pred = classes[(fused > 0).astype(int)] if fused.ndim == 1 else classes[np.argmax(fused, axis=1)]
         per_fold.append(float(np.mean(pred == y[test])))
-        chosen.append(float(search.best_params_["linearsvc__C"]))
+        chosen.append(cs_fold[0] if len(Xs) == 1 else cs_fold)
         confusion += confusion_matrix(y[test], pred, labels=classes)
     return {
         "mean": float(np.mean(per_fold)),

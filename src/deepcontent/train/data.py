@@ -131,19 +131,30 @@ def _pointer_run(storage: Storage, name: str, *, needed_by: str) -> dict:
     return pointer
 
 
-def build_targets(storage: Storage) -> TrainingData:
-    """Join tracks, spectrograms and ``plays`` item factors into train / valid targets.
+def build_targets(storage: Storage, *, features: str = SPECTROGRAMS, matrix: str = "plays") -> TrainingData:
+    """Join tracks, clip features and item factors into train / valid targets.
+
+    Parameters
+    ----------
+    storage : Storage
+    features : str
+        The clip dataset: ``features/spectrograms`` (log-mels, the default) or
+        ``features/waveforms`` (:mod:`deepcontent.waveforms`, same schema with one channel).
+    matrix : str
+        Whose item factors are the targets: ``"plays"`` (listening WMF) or ``"tags"`` (tag WMF).
 
     Raises
     ------
     TrainingDataError
-        If an input was never published, if no train or no valid track has both a
-        spectrogram and factors, or if spectrograms disagree on ``n_mels``.
+        If an input was never published, if no train or no valid track has both clip
+        features and factors, or if the clips disagree on ``n_mels``.
     """
-    items_name = factors_dataset("plays", "item_factors")
-    users_name = factors_dataset("plays", "user_factors")
+    if matrix not in ("plays", "tags"):
+        raise ValueError(f"matrix must be 'plays' or 'tags', got {matrix!r}")
+    items_name = factors_dataset(matrix, "item_factors")
+    users_name = factors_dataset(matrix, "user_factors" if matrix == "plays" else "tag_factors")
     pointers = {name: _pointer_run(storage, name, needed_by="train")
-                for name in (TRACKS, SPECTROGRAMS, items_name, users_name)}
+                for name in (TRACKS, features, items_name, users_name)}
     inputs = {name: p["run_id"] for name, p in pointers.items()}
     index_pointer = storage.published(storage.uri(ITEM_INDEX))
     if index_pointer is not None:
@@ -153,12 +164,12 @@ def build_targets(storage: Storage) -> TrainingData:
         inputs[EXPORTS] = exports_pointer["run_id"]
 
     tracks = storage.read_dataset(storage.uri(TRACKS), columns=["track_id", "song_id"])
-    spec_files = storage.published_files(storage.uri(SPECTROGRAMS))
+    spec_files = storage.published_files(storage.uri(features))
     spec = (storage.read_parquet(spec_files, columns=["track_id", "n_mels"]) if spec_files
             else pa.table({"track_id": pa.array([], pa.string()), "n_mels": pa.array([], pa.int32())}))
     mels = set(spec["n_mels"].to_pylist())
     if len(mels) > 1:
-        raise TrainingDataError(f"spectrograms at {storage.uri(SPECTROGRAMS)} mix n_mels values {sorted(mels)}; "
+        raise TrainingDataError(f"clips at {storage.uri(features)} mix n_mels values {sorted(mels)}; "
                                 f"recompute them with one setting")
     items = storage.read_dataset(storage.uri(items_name))
     if index_pointer is not None:
@@ -182,7 +193,7 @@ def build_targets(storage: Storage) -> TrainingData:
     if not is_train.any() or not is_valid.any():
         raise TrainingDataError(
             f"need train and valid tracks with both a spectrogram and item factors; found {int(is_train.sum())} train "
-            f"and {int(is_valid.sum())} valid ({spec.num_rows} spectrograms at {storage.uri(SPECTROGRAMS)}, "
+            f"and {int(is_valid.sum())} valid ({spec.num_rows} clips at {storage.uri(features)}, "
             f"{items.num_rows} songs with factors at {storage.uri(items_name)})")
     z_train, mean, std = standardize(factors[is_train])
     z_valid, _, _ = standardize(factors[is_valid], mean=mean, std=std)
@@ -198,7 +209,7 @@ def build_targets(storage: Storage) -> TrainingData:
     train, valid = table(is_train, z_train), table(is_valid, z_valid)
     return TrainingData(
         train=train, valid=valid, target_mean=mean, target_std=std, valid_variance=valid_variance,
-        spectrogram_files=spec_files, inputs=inputs, settings_key=pointers[SPECTROGRAMS].get("settings_key"),
+        spectrogram_files=spec_files, inputs=inputs, settings_key=pointers[features].get("settings_key"),
         n_mels=int(next(iter(mels))) if mels else 0,
         counts={"train_tracks": train.num_rows, "valid_tracks": valid.num_rows,
                 "train_songs": len(set(train["song_id"].to_pylist())), "valid_songs": len(set(valid["song_id"].to_pylist())),

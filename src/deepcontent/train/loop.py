@@ -50,6 +50,8 @@ def model_kwargs(cfg: TrainConfig, *, n_mels: int) -> dict[str, Any]:
         params.setdefault("n_mels", n_mels)
     if "n_frames" in accepted:
         params.setdefault("n_frames", cfg.window_frames)
+    if "n_samples" in accepted:  # the raw-audio net: a window of window_frames samples
+        params.setdefault("n_samples", cfg.window_frames)
     return params
 
 

@@ -41,7 +41,7 @@ from deepcontent.train.ingest import clip_data_config, clip_datasets
 from deepcontent.train.loop import CHECKPOINT_FILE, model_kwargs, train_loop_per_worker
 from deepcontent.train.registry import ARTIFACT_FORMAT, PRODUCTION, model_version, register, registered, version_uri
 
-__all__ = ["STAGE", "TrainResult", "run_train", "steps_per_epoch"]
+__all__ = ["STAGE", "TrainResult", "clip_features", "run_train", "steps_per_epoch"]
 
 STAGE = "train"
 RAY_PREFIX = "train/ray"
@@ -63,6 +63,14 @@ def steps_per_epoch(*, n_train_clips: int, windows_per_clip: int, batch_size: in
     """Optimiser steps per epoch, the same on every worker: enough that the global batches
     cover ``windows_per_clip`` random windows of every train clip."""
     return max(1, math.ceil(n_train_clips * windows_per_clip / (batch_size * num_workers)))
+
+
+def clip_features(tc) -> str:
+    """The clip dataset a train config reads: log-mel spectrograms or mono waveforms."""
+    from deepcontent.spectrograms import SPECTROGRAMS
+    from deepcontent.waveforms import WAVEFORMS
+
+    return WAVEFORMS if tc.input == "waveform" else SPECTROGRAMS
 
 
 def _wpe_payload(cfg: Config, storage: Storage, data: TrainingData):
@@ -146,7 +154,7 @@ def run_train(cfg: Config, storage: Storage, *, promote: bool = True) -> TrainRe
     evaluation stage's model variants)."""
     tc = cfg.train
     backend = resolve_backend(tc)
-    data = build_targets(storage)
+    data = build_targets(storage, features=clip_features(tc), matrix=tc.targets)
     code = code_version()
     version = model_version(cfg, inputs=data.inputs, code=code)
     outputs = {"model": version_uri(storage, version, "model.pt"), "metadata": version_uri(storage, version, "model.json"),
@@ -211,6 +219,7 @@ def run_train(cfg: Config, storage: Storage, *, promote: bool = True) -> TrainRe
         artifact = {
             "format": ARTIFACT_FORMAT, "model_version": version, "model": tc.model, "model_params": params,
             "n_factors": data.n_factors, "n_mels": data.n_mels, "window_frames": tc.window_frames,
+            "input": tc.input, "targets": tc.targets,
             "target_mean": data.target_mean.tolist(), "target_std": data.target_std.tolist(),
             "state_dict": state["best_state"],
             "spectrograms": {"settings_key": data.settings_key, "sample_rate": cfg.spectrograms.sample_rate,
