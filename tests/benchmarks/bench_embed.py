@@ -39,7 +39,11 @@ In one run, on the embedded S3 server and an Iceberg SQL catalog in SQLite (both
    ``embed.clips_per_batch`` clips with ``embed.windows_per_forward`` as the actors do, after one
    warm-up chunk. It runs after the full run and again after the incremental one (the machine
    may be shared): ``seconds_forward`` is the mean of both.
-7. ``ratio`` = embed / forward (target >= 0.7).
+7. ``ratio`` = embed / forward (target >= 0.7). ``seconds_read_input`` / ``read_input_cpu_s``: reading
+   every shard from the S3 server into float16 arrays alone, its wall and CPU time (this process
+   plus the server's); ``ratio_ceiling_read_plus_forward`` = forward CPU / (forward CPU + read
+   CPU), the most any embed stage could reach here when the cores are shared by the server,
+   the reader and the forward pass.
 8. Breakdowns, to tell where the time goes: ``stages_full_s`` / ``stages_incremental_s`` (each
    nightly stage's wall time, from the nightly summary), ``embed_seconds_incremental`` (the embed
    stage's plan / inference / commit in the incremental run), and ``load_avg_1m`` (the machine's
@@ -146,6 +150,15 @@ def load_clips(storage: Storage) -> list[np.ndarray]:
             for m, nm, nf in zip(t["mel"].to_pylist(), t["n_mels"].to_pylist(), t["n_frames"].to_pylist())]
 
 
+def process_cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``), 0 if unknown."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def forward_seconds(model, artifact, clips: list[np.ndarray], *, threads: int, clips_per_batch: int,
                     windows_per_forward: int) -> float:
     """Wall time of ``clip_outputs`` over ``clips`` in this process with ``threads`` torch threads."""
@@ -248,7 +261,13 @@ def main() -> int:
                 embed_s = embed_runs[0]["seconds"]
 
                 model, artifact = load_model(storage, version)
+                # Reading the input alone: every shard from the S3 server into float16 arrays, as
+                # the actors read it. Its CPU time (this process + the server's) against the
+                # forward pass's CPU time bounds the ratio any embed stage can reach here.
+                server_cpu0, cpu0, t0 = process_cpu_seconds(server.pid), time.process_time(), time.perf_counter()
                 decoded = load_clips(storage)
+                read_s = time.perf_counter() - t0
+                read_cpu_s = time.process_time() - cpu0 + process_cpu_seconds(server.pid) - server_cpu0
                 assert len(decoded) == clips
                 log(f"forward pass alone: {clips} clips, 1 process × {threads} torch threads")
                 fwd = [forward_seconds(model, artifact, decoded, threads=threads, clips_per_batch=ec.clips_per_batch,
@@ -269,6 +288,7 @@ def main() -> int:
                 ray.shutdown()
 
     forward_s = float(np.mean(fwd))
+    forward_cpu_s = forward_s * threads  # the forward keeps its threads busy
     embed_rate, forward_rate = clips / embed_s, clips / forward_s
     startup = ray_start_s + spark_start_s
     windows = int(sum(-(-c.shape[1] // int(artifact["window_frames"])) for c in decoded))
@@ -288,6 +308,11 @@ def main() -> int:
         "seconds_embed": round(embed_s, 2),
         "seconds_forward": round(forward_s, 2),
         "seconds_forward_runs": [round(f, 2) for f in fwd],
+        "seconds_read_input": round(read_s, 2),
+        "read_input_cpu_s": round(read_cpu_s, 2),
+        # a stage that only read its input and ran the forward pass, with no engine, staging or
+        # commit at all, could reach at most this ratio on this machine's cores
+        "ratio_ceiling_read_plus_forward": round(forward_cpu_s / (forward_cpu_s + read_cpu_s), 3),
         "seconds_full": round(full_s, 2),
         "seconds_incremental": round(incr_s, 2),
         "seconds_ray_start": round(ray_start_s, 2),

@@ -70,6 +70,11 @@ class EmbeddedS3Server:
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs (benchmarks read its CPU time), else None."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def start(self, *, timeout: float = 20.0) -> "EmbeddedS3Server":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.port is None:
