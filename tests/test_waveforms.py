@@ -59,6 +59,7 @@ def test_waveforms_are_resampled_mono_in_the_spectrogram_schema(file_storage, tm
 
     again = publish_waveforms(cfg, file_storage, track_ids=["TRD", "TRC", "TRB", "TRA"])
     assert not again["published"] and again["run_id"] == out["run_id"]
+    assert again["left_out"] == out["left_out"]  # the decode failure is still reported
 
 
 def test_no_decodable_track_is_an_error_naming_one(file_storage, tmp_path):

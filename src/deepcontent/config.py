@@ -190,11 +190,14 @@ class FactorizeConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """The ``train`` stage: a CNN regressor from log-mel windows to the WMF item factors, on
-    Ray Train (one DDP worker per ``num_workers``) fed by Ray Data from the spectrogram shards.
+    """The ``train`` stage: a CNN regressor from log-mel windows (or, with ``input=waveform``,
+    raw-audio windows) to WMF item factors, on Ray Train (one DDP worker per ``num_workers``)
+    fed by Ray Data from the clip shards.
 
-    Targets are the ``plays`` item factors of train songs, standardised per factor; valid songs
-    give the validation NMSE (early stopping). Hardware is configuration only: ``use_gpu``
+    Targets are the item factors of train songs (``targets``: the listening WMF by default, or
+    the tag WMF), standardised per factor; valid songs give the validation NMSE (early
+    stopping). Only a log-mel model of the listening factors becomes the production model that
+    ``embed`` uses; other kinds are registered without promotion. Hardware is configuration only: ``use_gpu``
     picks NCCL, bf16 autocast (``precision=auto``) and pinned host memory in one place
     (:mod:`deepcontent.train.backend`); CPU workers use gloo and ``threads_per_worker`` threads.
     """

@@ -76,7 +76,9 @@ def publish_waveforms(cfg: Config, storage: Storage, *, track_ids: list[str]) ->
     current = storage.published(uri)
     if current is not None and current.get("input_fingerprint") == fingerprint:
         log.info("waveforms: %d tracks up to date (run %s)", current.get("tracks", 0), current["run_id"])
-        return {"run_id": current["run_id"], "published": False, "tracks": current.get("tracks", 0), "left_out": left_out}
+        # the decode failures of the run that published, plus what is missing from the index now
+        return {"run_id": current["run_id"], "published": False, "tracks": current.get("tracks", 0),
+                "left_out": {**current.get("left_out", {}), **left_out}}
 
     from deepcontent.audio.features import AudioError
 
@@ -111,8 +113,9 @@ def publish_waveforms(cfg: Config, storage: Storage, *, track_ids: list[str]) ->
     if not files:
         raise ValueError(f"waveforms: none of the {len(wanted)} requested tracks has decodable audio "
                          f"({len(left_out)} left out, e.g. {next(iter(left_out.items()), None)})")
+    decode_failures = {t: r for t, r in left_out.items() if t in {row[0] for row in rows}}
     storage.publish(uri, run_id=run_id, files=files,
-                    meta={"input_fingerprint": fingerprint, "tracks": n, "settings_key": key})
+                    meta={"input_fingerprint": fingerprint, "tracks": n, "settings_key": key, "left_out": decode_failures})
     log.info("waveforms: %d tracks published to %s (%d left out) in %.1f s", n, uri, len(left_out),
              time.perf_counter() - t0)
     return {"run_id": run_id, "published": True, "tracks": n, "left_out": left_out}

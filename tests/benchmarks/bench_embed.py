@@ -39,11 +39,14 @@ In one run, on the embedded S3 server and an Iceberg SQL catalog in SQLite (both
    ``embed.clips_per_batch`` clips with ``embed.windows_per_forward`` as the actors do, after one
    warm-up chunk. It runs after the full run and again after the incremental one (the machine
    may be shared): ``seconds_forward`` is the mean of both.
-7. ``ratio`` = embed / forward (target >= 0.7). ``seconds_read_input`` / ``read_input_cpu_s``: reading
-   every shard from the S3 server into float16 arrays alone, its wall and CPU time (this process
-   plus the server's); ``ratio_ceiling_read_plus_forward`` = forward CPU / (forward CPU + read
-   CPU), the most any embed stage could reach here when the cores are shared by the server,
-   the reader and the forward pass.
+7. ``ratio`` = embed / forward (target >= 0.7). What bounds it on this machine:
+   ``embed_server_cpu_s`` (the S3 server's CPU time during the embed stage, from ``/proc``),
+   ``forward_cpu_s`` (the forward pass's CPU time), ``seconds_read_input`` /
+   ``read_input_reader_cpu_s`` / ``read_input_server_cpu_s`` (reading every shard the way the
+   actors do, into the same arrays, in this one process: wall, reader CPU, server CPU), and
+   ``ratio_ceiling_read_plus_forward`` = forward CPU / (forward CPU + embed server CPU + reader
+   CPU): on cores the forward pass keeps busy, the most an embed stage could reach with no
+   engine, staging or commit cost of its own.
 8. Breakdowns, to tell where the time goes: ``stages_full_s`` / ``stages_incremental_s`` (each
    nightly stage's wall time, from the nightly summary), ``embed_seconds_incremental`` (the embed
    stage's plan / inference / commit in the incremental run), and ``load_avg_1m`` (the machine's
@@ -141,13 +144,22 @@ def add_tracks(cfg, storage: Storage, n: int) -> list[str]:
     return ids
 
 
-def load_clips(storage: Storage) -> list[np.ndarray]:
-    """Every published spectrogram decoded as the embed actors decode it (float16, C order)."""
-    from deepcontent.spectrograms import read_spectrograms
+def read_clips(storage: Storage) -> list[np.ndarray]:
+    """Every published spectrogram, read the way an embed actor reads its work items (row group
+    by row group through the Storage's S3 client) and turned into arrays with the actors' own
+    :func:`~deepcontent.embed.inference.clip_arrays`."""
+    import pyarrow.parquet as pq
 
-    t = read_spectrograms(storage, columns=["track_id", "n_mels", "n_frames", "mel"]).sort_by("track_id")
-    return [np.array(np.frombuffer(m, dtype=np.float16).reshape(nm, nf))
-            for m, nm, nf in zip(t["mel"].to_pylist(), t["n_mels"].to_pylist(), t["n_frames"].to_pylist())]
+    from deepcontent.embed.inference import CLIP_COLUMNS, clip_arrays
+    from deepcontent.spectrograms import SPECTROGRAMS
+
+    clips: list[np.ndarray] = []
+    for uri in storage.published_files(storage.uri(SPECTROGRAMS)):
+        with storage.open_input(uri) as f:
+            pf = pq.ParquetFile(f)
+            for g in range(pf.num_row_groups):
+                clips += clip_arrays(pf.read_row_group(g, columns=CLIP_COLUMNS))
+    return clips
 
 
 def process_cpu_seconds(pid: int | None) -> float:
@@ -160,8 +172,9 @@ def process_cpu_seconds(pid: int | None) -> float:
 
 
 def forward_seconds(model, artifact, clips: list[np.ndarray], *, threads: int, clips_per_batch: int,
-                    windows_per_forward: int) -> float:
-    """Wall time of ``clip_outputs`` over ``clips`` in this process with ``threads`` torch threads."""
+                    windows_per_forward: int) -> tuple[float, float]:
+    """Wall and CPU time (all threads of this process) of ``clip_outputs`` over ``clips`` with
+    ``threads`` torch threads."""
     import torch
 
     from deepcontent.embed.pooling import clip_outputs
@@ -172,10 +185,10 @@ def forward_seconds(model, artifact, clips: list[np.ndarray], *, threads: int, c
     torch.set_num_threads(threads)
     try:
         clip_outputs(model, clips[:clips_per_batch], **kw)  # warm-up: allocator, kernels
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for s in range(0, len(clips), clips_per_batch):
             clip_outputs(model, clips[s : s + clips_per_batch], **kw)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         torch.set_num_threads(previous)
 
@@ -239,9 +252,10 @@ def main() -> int:
 
             def runners() -> dict:
                 def embed():
-                    t = time.perf_counter()
+                    t, server_cpu = time.perf_counter(), process_cpu_seconds(server.pid)
                     result = COMMAND_STAGES["embed"](cfg, storage, rt)
-                    embed_runs.append({"seconds": time.perf_counter() - t, "result": result})
+                    embed_runs.append({"seconds": time.perf_counter() - t, "result": result,
+                                       "server_cpu_s": process_cpu_seconds(server.pid) - server_cpu})
                     return result
 
                 out = {name: (lambda fn=COMMAND_STAGES[name]: fn(cfg, storage, rt)) for name in cfg.nightly.stages}
@@ -261,13 +275,13 @@ def main() -> int:
                 embed_s = embed_runs[0]["seconds"]
 
                 model, artifact = load_model(storage, version)
-                # Reading the input alone: every shard from the S3 server into float16 arrays, as
-                # the actors read it. Its CPU time (this process + the server's) against the
-                # forward pass's CPU time bounds the ratio any embed stage can reach here.
+                # Reading the input alone, as the actors read it, in this one process: wall time,
+                # this process's CPU (the reader's share) and the server's.
                 server_cpu0, cpu0, t0 = process_cpu_seconds(server.pid), time.process_time(), time.perf_counter()
-                decoded = load_clips(storage)
+                decoded = read_clips(storage)
                 read_s = time.perf_counter() - t0
-                read_cpu_s = time.process_time() - cpu0 + process_cpu_seconds(server.pid) - server_cpu0
+                reader_cpu_s = time.process_time() - cpu0
+                read_server_cpu_s = process_cpu_seconds(server.pid) - server_cpu0
                 assert len(decoded) == clips
                 log(f"forward pass alone: {clips} clips, 1 process × {threads} torch threads")
                 fwd = [forward_seconds(model, artifact, decoded, threads=threads, clips_per_batch=ec.clips_per_batch,
@@ -287,8 +301,9 @@ def main() -> int:
                 rt.close()
                 ray.shutdown()
 
-    forward_s = float(np.mean(fwd))
-    forward_cpu_s = forward_s * threads  # the forward keeps its threads busy
+    forward_s = float(np.mean([w for w, _ in fwd]))
+    forward_cpu_s = float(np.mean([c for _, c in fwd]))
+    server_cpu_s = embed_runs[0]["server_cpu_s"]
     embed_rate, forward_rate = clips / embed_s, clips / forward_s
     startup = ray_start_s + spark_start_s
     windows = int(sum(-(-c.shape[1] // int(artifact["window_frames"])) for c in decoded))
@@ -307,12 +322,16 @@ def main() -> int:
         "clip_seconds": args.clip_seconds,
         "seconds_embed": round(embed_s, 2),
         "seconds_forward": round(forward_s, 2),
-        "seconds_forward_runs": [round(f, 2) for f in fwd],
+        "seconds_forward_runs": [round(w, 2) for w, _ in fwd],
+        "forward_cpu_s": round(forward_cpu_s, 2),
+        "embed_server_cpu_s": round(server_cpu_s, 2),
         "seconds_read_input": round(read_s, 2),
-        "read_input_cpu_s": round(read_cpu_s, 2),
-        # a stage that only read its input and ran the forward pass, with no engine, staging or
-        # commit at all, could reach at most this ratio on this machine's cores
-        "ratio_ceiling_read_plus_forward": round(forward_cpu_s / (forward_cpu_s + read_cpu_s), 3),
+        "read_input_reader_cpu_s": round(reader_cpu_s, 2),
+        "read_input_server_cpu_s": round(read_server_cpu_s, 2),
+        # On cores the forward pass keeps busy, the S3 server's CPU during the embed stage and
+        # the reader's CPU (reading the shards into arrays) come on top of the forward pass's:
+        # a stage with no engine, staging or commit cost of its own could reach at most this.
+        "ratio_ceiling_read_plus_forward": round(forward_cpu_s / (forward_cpu_s + server_cpu_s + reader_cpu_s), 3),
         "seconds_full": round(full_s, 2),
         "seconds_incremental": round(incr_s, 2),
         "seconds_ray_start": round(ray_start_s, 2),

@@ -19,6 +19,7 @@ from deepcontent.evaluate.metrics import (
     per_user_auc,
     per_user_ranking_metrics,
     recall_at_k,
+    tag_prediction_metrics,
 )
 
 
@@ -310,3 +311,36 @@ def test_errors_carry_the_bad_value():
         cold_start_metrics(np.ones((2, 2)), np.array([[1.0, 0], [np.inf, 0], [0, 0]]), m)
     with pytest.raises(TypeError, match=r"test_user_items must be a scipy.sparse matrix"):
         map_at_k(S, np.zeros((2, 3)))
+
+
+# -- tag prediction (A′ = U′Vᵀ, tags rank songs) -------------------------------------------------
+
+def test_tag_prediction_metrics_by_hand():
+    V = np.array([[1.0, 0.0], [0.0, 1.0]])           # 2 tags
+    U = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # 3 songs: A′ = U Vᵀ = U
+    song_tags = sp.csr_matrix(np.array([[1, 0], [1, 0], [0, 1]]))  # songs × tags
+    got = tag_prediction_metrics(V, U, song_tags)
+    # tag 0 ranks songs 0 (2), 2 (1), 1 (0); tagged {0, 1} at ranks 1 and 3:
+    #   AP = (1/1 + 2/3) / 2, AUC = 1 win of 2 pairs = 0.5
+    # tag 1 scores songs 1 and 2 equally (1); tagged {2}: pessimistic rank 2, AP = 1/2;
+    #   AUC = (1 win over song 0 + ½ for the tie with song 1) / 2 = 0.75
+    assert got["n_tags"] == 2
+    assert got["map"] == pytest.approx(((1 + 2 / 3) / 2 + 0.5) / 2)
+    assert got["auc"] == pytest.approx((0.5 + 0.75) / 2)
+    # only the tags asked for
+    only = tag_prediction_metrics(V, U, song_tags, tags=np.array([1]))
+    assert only["n_tags"] == 1 and only["auc"] == pytest.approx(0.75) and only["map"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"song_tags must be \(n_songs, n_tags\) = \(3, 2\), got \(2, 3\)"):
+        tag_prediction_metrics(V, U, song_tags.T)
+
+
+def test_tag_prediction_metrics_match_scikit_learn_per_tag():
+    rng = np.random.default_rng(7)
+    V, U = rng.normal(size=(6, 4)), rng.normal(size=(40, 4))
+    tagged = rng.random((40, 6)) < 0.3
+    tagged[0] = True  # every tag has a tagged song
+    tagged[1] = False  # and an untagged one
+    got = tag_prediction_metrics(V, U, sp.csr_matrix(tagged.astype(np.float32)))
+    scores = U @ V.T  # songs × tags, continuous: no ties
+    assert got["auc"] == pytest.approx(np.mean([roc_auc_score(tagged[:, t], scores[:, t]) for t in range(6)]))
+    assert got["map"] == pytest.approx(np.mean([average_precision_score(tagged[:, t], scores[:, t]) for t in range(6)]))

@@ -76,6 +76,15 @@ def test_late_fusion_of_complementary_views_beats_each_view():
     assert np.array(fused["confusion"]).sum() == 120
 
 
+def test_two_classes_are_decided_by_the_sign_of_the_score():
+    # two classes: LinearSVC gives one signed score per clip (positive = the second class)
+    X, y = _clusters(20, 2, 3, spread=12.0, seed=5)
+    kw = dict(folds=5, inner_folds=3, Cs=CS, seed=0)
+    for got in (nested_cv_svm_accuracy(X, y, **kw), late_fusion_svm_accuracy([X, X[:, :2]], y, **kw)):
+        assert got["mean"] == pytest.approx(1.0)
+        assert got["confusion"] == [[20, 0], [0, 20]] and got["classes"] == ["genre0", "genre1"]
+
+
 def test_late_fusion_of_one_view_with_itself_is_that_view():
     X, y = _clusters(20, 3, 4, spread=1.0, seed=4)
     kw = dict(folds=5, inner_folds=3, Cs=CS, seed=2)

@@ -59,6 +59,13 @@ def read_todo_clips(batch: pa.Table, *, storage: Storage, todo_keys: pa.Array) -
                     yield t
 
 
+def clip_arrays(batch: pa.Table) -> list[np.ndarray]:
+    """Spectrogram rows -> one float16 ``(n_mels, n_frames)`` array per clip, each a writable
+    copy (torch wants one); float16 until the device."""
+    return [np.array(np.frombuffer(m, dtype=np.float16).reshape(nm, nf))
+            for m, nm, nf in zip(batch["mel"].to_pylist(), batch["n_mels"].to_pylist(), batch["n_frames"].to_pylist())]
+
+
 def work_items(pending: pa.Table, *, clips_per_item: int) -> list[dict]:
     """Split the pending clips into read tasks: ``[{"uri", "row_groups"}]`` with about
     ``clips_per_item`` pending clips each (whole row groups of one shard per item), so that
@@ -127,9 +134,7 @@ class ClipEmbedder:
         """Spectrogram rows (:data:`CLIP_COLUMNS`) -> :data:`STAGED_SCHEMA` rows."""
         from deepcontent.embed.pooling import clip_outputs
 
-        # A copy (np.array) so torch gets a writable buffer; float16 until the device.
-        clips = [np.array(np.frombuffer(m, dtype=np.float16).reshape(nm, nf))
-                 for m, nm, nf in zip(batch["mel"].to_pylist(), batch["n_mels"].to_pylist(), batch["n_frames"].to_pylist())]
+        clips = clip_arrays(batch)
         pred, emb = clip_outputs(self.model, clips, n_frames=self.n_frames, target_mean=self.mean, target_std=self.std,
                                  windows_per_forward=self.windows_per_forward, device=self.device, autocast=self.autocast)
         ok = np.isfinite(pred).all(axis=1) & np.isfinite(emb).all(axis=1)

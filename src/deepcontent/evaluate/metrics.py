@@ -36,6 +36,7 @@ __all__ = [
     "popularity_auc",
     "popularity_scores",
     "recall_at_k",
+    "tag_prediction_metrics",
 ]
 
 _BATCH_VALUES = 1 << 23  # scores per batch of users (~64 MB in float64)
@@ -502,3 +503,41 @@ def cold_start_metrics(
         "n_users": int(len(out["users"])),
         "n_skipped": out["n_skipped"],
     }
+
+
+def tag_prediction_metrics(
+    tag_factors: np.ndarray,
+    song_factors: np.ndarray,
+    song_tags: sp.spmatrix,
+    *,
+    tags: np.ndarray | None = None,
+) -> dict:
+    """Tag prediction from song factors (ISMIR 2014 source task): A′ = U′Vᵀ ranks the songs per tag.
+
+    Parameters
+    ----------
+    tag_factors : np.ndarray, (n_tags, f)
+        V from the WMF of the songs × tags matrix.
+    song_factors : np.ndarray, (n_songs, f)
+        U′ of the evaluated songs (predicted from audio, or folded in for an upper bound).
+    song_tags : sparse, (n_songs, n_tags)
+        The songs' actual tags (nonzero = tagged; weights are ignored).
+    tags : np.ndarray of int or None
+        Tags to evaluate (e.g. those that have factors); None: all. Tags without any tagged song
+        among the evaluated ones are skipped.
+
+    Returns
+    -------
+    dict
+        ``auc`` (mean per-tag ROC AUC over the songs), ``map`` (mean per-tag average precision
+        over the full ranking of the songs), ``n_tags`` (tags evaluated).
+    """
+    S = sp.csr_matrix(song_tags)
+    if S.shape != (np.shape(song_factors)[0], np.shape(tag_factors)[0]):
+        raise ValueError(f"song_tags must be (n_songs, n_tags) = ({np.shape(song_factors)[0]}, "
+                         f"{np.shape(tag_factors)[0]}), got {S.shape}")
+    n_songs = S.shape[0]
+    # tags play the users' part: each ranks the songs by a′_ts = v_t·u′_s
+    m = cold_start_metrics(tag_factors, song_factors, S.T.tocsr(), users=tags, map_k=max(n_songs, 1), ndcg_k=1,
+                           recall_k=1)
+    return {"auc": m["auc"], "map": m[f"map{max(n_songs, 1)}"], "n_tags": m["n_users"]}

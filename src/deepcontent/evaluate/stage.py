@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from deepcontent.config import Config
-from deepcontent.evaluate.metrics import cold_start_metrics
+from deepcontent.evaluate.metrics import cold_start_metrics, tag_prediction_metrics
 from deepcontent.factorize.foldin import fold_in
 from deepcontent.factorize.stage import factors_dataset, factors_matrix
 from deepcontent.ingest import TAGS, TRACKS
@@ -56,8 +56,12 @@ __all__ = ["STAGE", "EvaluateResult", "run_evaluate"]
 
 STAGE = "evaluate"
 L2_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0)
-CNN_VARIANTS = {"cnn_mse": {"model": "paper_cnn", "loss": "mse"}, "cnn_wpe": {"model": "paper_cnn", "loss": "wpe"},
-                "deep_cnn": {"model": "deep_cnn", "loss": "mse"}}
+# Every variant states what it reads and predicts, so a base config of another kind (a raw-audio
+# or tag model in ``train``) cannot leak into the cold-start methods.
+_LISTENING = {"input": "log_mel", "targets": "plays"}
+CNN_VARIANTS = {"cnn_mse": {"model": "paper_cnn", "loss": "mse", **_LISTENING},
+                "cnn_wpe": {"model": "paper_cnn", "loss": "wpe", **_LISTENING},
+                "deep_cnn": {"model": "deep_cnn", "loss": "mse", **_LISTENING}}
 
 
 @dataclass
@@ -254,11 +258,14 @@ def _method_raw_cnn(cfg, s, cache, rt):
     from deepcontent.train.stage import run_train
     from deepcontent.waveforms import WAVEFORMS, publish_waveforms
 
+    from deepcontent.config import TrainConfig
+
     hop = cfg.spectrograms.hop_length
     tracks = s.data.train["track_id"].to_pylist() + s.data.valid["track_id"].to_pylist() + s.test_tracks
     waves = publish_waveforms(cfg, rt.storage, track_ids=tracks)
-    variant = _variant(cfg, model="raw_audio", input="waveform", loss="mse", window_frames=cfg.train.window_frames * hop,
-                       model_params={"filter_length": hop}, gain_db=0.0, baseline=False)
+    frames = cfg.train.window_frames if cfg.train.input == "log_mel" else TrainConfig().window_frames
+    variant = _variant(cfg, model="raw_audio", input="waveform", targets="plays", loss="mse",
+                       window_frames=frames * hop, model_params={"filter_length": hop}, gain_db=0.0, baseline=False)
     rt.ensure_ray()
     result = run_train(variant, rt.storage, promote=False)
     model, artifact = load_model(rt.storage, result.model_version)
@@ -266,15 +273,16 @@ def _method_raw_cnn(cfg, s, cache, rt):
     table = table.filter(pc.is_in(table["track_id"], value_set=pa.array(s.test_tracks, pa.string())))
     clips = dict(zip(table["track_id"].to_pylist(), _mels(table)))
     have = [t for t in s.test_tracks if t in clips]
-    pred_have, _ = clip_outputs(model, [clips[t] for t in have], n_frames=artifact["window_frames"],
-                                target_mean=artifact["target_mean"], target_std=artifact["target_std"],
-                                windows_per_forward=16)
     # a test song whose audio did not decode again gets the train mean (counted below)
     pred = np.tile(np.asarray(artifact["target_mean"], np.float32), (len(s.test_tracks), 1))
-    rows = {t: i for i, t in enumerate(have)}
-    for i, t in enumerate(s.test_tracks):
-        if t in rows:
-            pred[i] = pred_have[rows[t]]
+    if have:
+        pred_have, _ = clip_outputs(model, [clips[t] for t in have], n_frames=artifact["window_frames"],
+                                    target_mean=artifact["target_mean"], target_std=artifact["target_std"],
+                                    windows_per_forward=16)
+        rows = {t: i for i, t in enumerate(have)}
+        for i, t in enumerate(s.test_tracks):
+            if t in rows:
+                pred[i] = pred_have[rows[t]]
     curve = (registered(rt.storage, result.model_version) or {}).get("curve", [])
     cache.setdefault("curves", {})["raw_cnn"] = {"epoch": [h["epoch"] for h in curve],
                                                  "train_loss": [h["train_loss"] for h in curve],
@@ -331,7 +339,7 @@ def _tag_prediction(cfg: Config, storage: Storage, s: _Split, cache: dict, rt) -
     tagged = np.flatnonzero(np.diff(tags_test.indptr) > 0)
     if len(tagged) < 2:
         return {"skipped": f"{len(tagged)} test songs with tags: too few to rank"}
-    tags_test = tags_test[tagged]
+    tags_test = tags_test[tagged]  # tagged test songs × tags
     truth = tags_test.T.tocsr()  # tags × test songs
     vt = storage.read_dataset(storage.uri(factors_dataset("tags", "tag_factors")))
     index = storage.read_dataset(storage.uri(TAG_INDEX))
@@ -384,8 +392,8 @@ def _tag_prediction(cfg: Config, storage: Storage, s: _Split, cache: dict, rt) -
     for name in ec.tag_methods:
         t0 = time.perf_counter()
         U, info = method(name)
-        m = cold_start_metrics(V, U, truth, users=eval_tags, map_k=len(tagged), ndcg_k=ec.ndcg_k, recall_k=ec.recall_k)
-        out[name] = {"auc": float(m["auc"]), "map": float(m[f"map{len(tagged)}"]), **info}
+        m = tag_prediction_metrics(V, U, tags_test, tags=eval_tags)
+        out[name] = {"auc": float(m["auc"]), "map": float(m["map"]), **info}
         log.info("evaluate: tag prediction %-13s AUC %.4f  mAP %.4f  (%.1fs)", name, out[name]["auc"], out[name]["map"],
                  time.perf_counter() - t0)
     return {"methods": out, "test_songs": int(len(tagged)), "tags": int(len(eval_tags)),

@@ -234,7 +234,12 @@ def run_train(cfg: Config, storage: Storage, *, promote: bool = True) -> TrainRe
             "manifest": manifest_uri, "checkpoints": outputs["checkpoints"],
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        register(storage, version=version, artifact=artifact, metadata=metadata, promote=promote)
+        # embed reads log-mels and publishes listening factors: no other kind may become production
+        listening = tc.input == "log_mel" and tc.targets == "plays"
+        if promote and not listening:
+            log.info("train: %s reads %s and predicts %s factors; registered without becoming the production model",
+                     version, tc.input, tc.targets)
+        register(storage, version=version, artifact=artifact, metadata=metadata, promote=promote and listening)
 
     manifest.counts = {**data.counts, "epochs": len(history), "steps_per_epoch": steps}
     manifest.outputs = outputs
