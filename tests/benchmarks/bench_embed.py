@@ -44,8 +44,8 @@ In one run, on the embedded S3 server and an Iceberg SQL catalog in SQLite (both
    ``forward_cpu_s`` (the forward pass's CPU time), ``seconds_read_input`` /
    ``read_input_reader_cpu_s`` / ``read_input_server_cpu_s`` (reading every shard the way the
    actors do, into the same arrays, in this one process: wall, reader CPU, server CPU), and
-   ``ratio_ceiling_read_plus_forward`` = forward CPU / (forward CPU + embed server CPU + reader
-   CPU): on cores the forward pass keeps busy, the most an embed stage could reach with no
+   ``ratio_ceiling_read_plus_forward`` = forward CPU / (forward CPU + reader CPU + server CPU of
+   that read): on cores the forward pass keeps busy, the most an embed stage could reach with no
    engine, staging or commit cost of its own.
 8. Breakdowns, to tell where the time goes: ``stages_full_s`` / ``stages_incremental_s`` (each
    nightly stage's wall time, from the nightly summary), ``embed_seconds_incremental`` (the embed
@@ -328,10 +328,10 @@ def main() -> int:
         "seconds_read_input": round(read_s, 2),
         "read_input_reader_cpu_s": round(reader_cpu_s, 2),
         "read_input_server_cpu_s": round(read_server_cpu_s, 2),
-        # On cores the forward pass keeps busy, the S3 server's CPU during the embed stage and
-        # the reader's CPU (reading the shards into arrays) come on top of the forward pass's:
-        # a stage with no engine, staging or commit cost of its own could reach at most this.
-        "ratio_ceiling_read_plus_forward": round(forward_cpu_s / (forward_cpu_s + server_cpu_s + reader_cpu_s), 3),
+        # On cores the forward pass keeps busy, reading the input (the reader's CPU and the
+        # server's) comes on top of the forward pass's CPU: a stage with no engine, staging or
+        # commit cost of its own could reach at most this.
+        "ratio_ceiling_read_plus_forward": round(forward_cpu_s / (forward_cpu_s + reader_cpu_s + read_server_cpu_s), 3),
         "seconds_full": round(full_s, 2),
         "seconds_incremental": round(incr_s, 2),
         "seconds_ray_start": round(ray_start_s, 2),
