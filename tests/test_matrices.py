@@ -146,6 +146,13 @@ def test_tag_factors(catalog, spark):
     tags = storage.read_dataset(storage.uri(factors_dataset("tags", "tag_factors")))
     songs = storage.read_dataset(storage.uri(factors_dataset("tags", "item_factors")))
     assert tags.num_rows > 5 and songs.num_rows > 20
+    assert factors_matrix(tags).shape[1] == cfg.factorize.factors  # tag_factors unset: the same count
+    # the tag WMF may have a size of its own; a new size is a new fit
+    cfg.factorize.tag_factors = 3
+    assert run_factorize(cfg, storage).published
+    tags = storage.read_dataset(storage.uri(factors_dataset("tags", "tag_factors")))
+    songs = storage.read_dataset(storage.uri(factors_dataset("tags", "item_factors")))
+    assert factors_matrix(tags).shape[1] == 3 and factors_matrix(songs).shape[1] == 3
 
 
 def test_a_catalog_without_tags_still_builds_matrices(s3_storage, tmp_path, spark):

@@ -180,6 +180,10 @@ class FactorizeConfig(_Section):
     backend: Literal["implicit", "spark", "reference"] = "implicit"
     matrix: Literal["plays", "tags"] = "plays"
     factors: int = Field(50, ge=1)
+    # Factors of the tag WMF (matrix=tags); None: ``factors``. A vocabulary smaller than the
+    # factor count is reproduced exactly by the fold-in, which makes the tag task's upper bound
+    # meaningless, so small catalogs want fewer.
+    tag_factors: int | None = Field(None, ge=1)
     iterations: int = Field(15, ge=1)
     regularization: float = Field(0.1, ge=0.0)
     alpha: float = Field(2.0, gt=0.0)

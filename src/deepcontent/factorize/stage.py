@@ -92,7 +92,8 @@ def run_factorize(cfg: Config, storage: Storage, spark=None, *, warehouse=None) 
     with manifest.timed("load"):
         train = load_csr(storage, files[f"{prefix}_train.npz"])
         valid = load_csr(storage, files[f"{prefix}_valid.npz"])
-    params = dict(factors=fc.factors, alpha=fc.alpha, eps=fc.eps, regularization=fc.regularization,
+    n_factors = fc.tag_factors if fc.matrix == "tags" and fc.tag_factors else fc.factors
+    params = dict(factors=n_factors, alpha=fc.alpha, eps=fc.eps, regularization=fc.regularization,
                   iterations=fc.iterations, seed=fc.seed)
     if fc.backend == "implicit":
         params["num_threads"] = fc.num_threads
@@ -101,7 +102,7 @@ def run_factorize(cfg: Config, storage: Storage, spark=None, *, warehouse=None) 
             raise ValueError("factorize.backend=spark needs a Spark session")
         params["spark"] = spark
     log.info("factorize: %s backend on %s matrix %d × %d (nnz %d), %d factors, %d iterations", fc.backend, fc.matrix,
-             train.shape[0], train.shape[1], train.nnz, fc.factors, fc.iterations)
+             train.shape[0], train.shape[1], train.nnz, n_factors, fc.iterations)
     with manifest.timed("fit"):
         row_factors, col_factors = make_factorizer(fc.backend, **params).fit(train)
 
@@ -136,7 +137,7 @@ def run_factorize(cfg: Config, storage: Storage, spark=None, *, warehouse=None) 
         pick_valid = np.flatnonzero(is_valid & has_valid)
         items = factors_table(
             list(item_ids[pick_train]) + list(item_ids[pick_valid]),
-            np.vstack([item_train[pick_train], item_valid[pick_valid]]) if len(pick_train) + len(pick_valid) else np.zeros((0, fc.factors)),
+            np.vstack([item_train[pick_train], item_valid[pick_valid]]) if len(pick_train) + len(pick_valid) else np.zeros((0, n_factors)),
             id_column="song_id", run_id=run_id, split=["train"] * len(pick_train) + ["valid"] * len(pick_valid))
         pick_other = np.flatnonzero(other_has)
         others = factors_table(list(other_ids[pick_other]), other_factors[pick_other], id_column=other_col, run_id=run_id)
