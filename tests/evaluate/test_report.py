@@ -215,3 +215,14 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert shot.returncode == 0, shot.stderr[-2000:]
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 50_000  # a real page, not a blank one
+
+
+def test_training_losses_of_different_scales_get_a_log_axis():
+    from deepcontent.evaluate.report import _curve_scale
+
+    mse, wpe = np.array([1.0, 0.8, 0.7]), np.array([510.0, 470.0, 430.0])
+    assert _curve_scale([mse, wpe]) == "log"
+    assert _curve_scale([mse, mse * 1.5]) == "linear"
+    assert _curve_scale([mse - 1.0, wpe]) == "linear"  # a zero or negative value: no log axis
+    assert _curve_scale([np.array([np.nan, 1.0]), np.array([100.0])]) == "log"  # NaN epochs ignored
+    assert _curve_scale([]) == "linear"

@@ -322,6 +322,14 @@ def _neighbors(data) -> str:
 
 # -- training curves --------------------------------------------------------------------------
 
+def _curve_scale(curves: list[np.ndarray]) -> str:
+    """``"log"`` when positive curves sharing a panel span more than 20× (losses of different
+    kinds: MSE ~1, WPE ~hundreds), so none is flattened at the bottom; else ``"linear"``."""
+    y = np.concatenate([np.asarray(c, dtype=np.float64) for c in curves]) if curves else np.zeros(0)
+    y = y[np.isfinite(y)]
+    return "log" if len(y) and y.min() > 0 and y.max() / y.min() > 20 else "linear"
+
+
 def _training_curves(data) -> str:
     title = "Training curves"
     if not isinstance(data, Mapping) or not data:
@@ -330,14 +338,17 @@ def _training_curves(data) -> str:
     panels = [("train_loss", "train loss"), ("valid_nmse", "validation NMSE")]
     for i, (key, label) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
-        drawn = 0
+        drawn, finite = 0, []
         for model, h in data.items():
             values = h.get(key) if isinstance(h, Mapping) else None
             if values is None or len(values) == 0:
                 continue
             epochs = h.get("epoch", np.arange(1, len(values) + 1))
-            ax.plot(np.asarray(epochs), np.asarray(values, dtype=np.float64), marker="o", ms=3, label=str(model))
+            y = np.asarray(values, dtype=np.float64)
+            ax.plot(np.asarray(epochs), y, marker="o", ms=3, label=str(model))
+            finite.append(y)
             drawn += 1
+        ax.set_yscale(_curve_scale(finite))
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.set_title(label)
