@@ -39,6 +39,10 @@ def test_parquet_round_trip(any_storage):
     table = pa.table({"x": np.arange(1000), "s": [f"v{i}" for i in range(1000)]})
     any_storage.write_parquet(table, any_storage.uri("t/part.parquet"))
     assert any_storage.read_parquet(any_storage.uri("t/part.parquet")).equals(table)
+    import pyarrow.compute as pc
+
+    some = any_storage.read_parquet(any_storage.uri("t/part.parquet"), filters=pc.field("s").isin(["v3", "v999"]))
+    assert some.to_pydict() == {"x": [3, 999], "s": ["v3", "v999"]}
 
 
 def test_unpublished_staging_is_invisible_and_publish_switches_atomically(any_storage):

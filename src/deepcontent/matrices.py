@@ -126,6 +126,13 @@ def save_npz_bytes(m: sp.csr_matrix) -> bytes:
     return buf.getvalue()
 
 
+def export_files(storage: Storage, exports: dict) -> dict[str, str]:
+    """The published CSR exports by file name (``user_items_train.npz`` …) -> their URIs;
+    ``exports`` is the exports dataset's pointer (``storage.published(storage.uri(EXPORTS))``)."""
+    base = storage.uri(EXPORTS)
+    return {f.rsplit("/", 1)[-1]: join(base, f) for f in exports["files"]}
+
+
 def load_csr(storage: Storage, uri: str) -> sp.csr_matrix:
     return sp.load_npz(io.BytesIO(storage.read_bytes(uri))).tocsr()
 

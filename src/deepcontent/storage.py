@@ -414,15 +414,16 @@ class Storage:
         self.write_bytes(uri, buf.getvalue())
         return table.num_rows
 
-    def read_parquet(self, uris: str | Iterable[str], *, columns: list[str] | None = None) -> pa.Table:
-        """Read and concatenate Parquet files (one URI or several)."""
+    def read_parquet(self, uris: str | Iterable[str], *, columns: list[str] | None = None, filters=None) -> pa.Table:
+        """Read and concatenate Parquet files (one URI or several); ``filters`` (a
+        ``pyarrow.compute`` expression) keeps only matching rows while reading."""
         if isinstance(uris, str):
             uris = [uris]
         tables = []
         for uri in uris:
             fs, path = self.filesystem(uri)
             try:
-                tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+                tables.append(pq.read_table(path, filesystem=fs, columns=columns, filters=filters))
             except FileNotFoundError:
                 raise StorageError(f"Parquet file not found: {uri}") from None
         if not tables:
@@ -447,14 +448,16 @@ class Storage:
             raise StorageError(f"dataset has never been published: {dataset_uri}")
         return [join(dataset_uri, f) for f in pointer["files"]]
 
-    def read_dataset(self, dataset_uri: str, *, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
-        """Read the published version of a dataset (empty table with ``schema`` if no files)."""
+    def read_dataset(self, dataset_uri: str, *, columns: list[str] | None = None, schema: pa.Schema | None = None,
+                     filters=None) -> pa.Table:
+        """Read the published version of a dataset (empty table with ``schema`` if no files);
+        ``filters`` as in :meth:`read_parquet`."""
         files = self.published_files(dataset_uri)
         if not files:
             if schema is None:
                 raise StorageError(f"dataset {dataset_uri} is published with no files and no schema was given")
             return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-        return self.read_parquet(files, columns=columns)
+        return self.read_parquet(files, columns=columns, filters=filters)
 
     def read_published(self, dataset_uri: str, *, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
         """The published version of a dataset, or an empty ``schema`` table if it never was

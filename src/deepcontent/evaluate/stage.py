@@ -45,10 +45,10 @@ import scipy.sparse as sp
 from deepcontent.config import Config
 from deepcontent.evaluate.metrics import cold_start_metrics, tag_prediction_metrics
 from deepcontent.factorize.foldin import fold_in
-from deepcontent.factorize.stage import factors_dataset, factors_matrix
+from deepcontent.factorize.stage import factors_by_index, factors_dataset
 from deepcontent.ingest import TAGS, TRACKS
 from deepcontent.manifest import RunManifest, StageResult, log
-from deepcontent.matrices import EXPORTS, ITEM_INDEX, SPLITS, USER_INDEX, load_csr
+from deepcontent.matrices import EXPORTS, ITEM_INDEX, SPLITS, USER_INDEX, export_files, load_csr
 from deepcontent.spectrograms import read_spectrograms
 from deepcontent.storage import Storage, join, new_run_id
 
@@ -94,18 +94,13 @@ class _Split:
         exports = storage.published(storage.uri(EXPORTS))
         if exports is None:
             raise FileNotFoundError(f"evaluate needs the matrices at {storage.uri(EXPORTS)}; run the pipeline first")
-        files = {f.rsplit("/", 1)[1]: join(storage.uri(EXPORTS), f) for f in exports["files"]}
+        files = export_files(storage, exports)
         self.train_plays = load_csr(storage, files["user_items_train.npz"])
         test_plays = load_csr(storage, files["user_items_test.npz"])
         n_users = test_plays.shape[0]
         # X: the WMF user factors, by user index (users without train plays have none: left out)
-        users = storage.read_dataset(storage.uri(factors_dataset("plays", "user_factors")))
-        index = storage.read_dataset(storage.uri(USER_INDEX))
-        rows = pc.take(index["idx"], pc.index_in(users["user_id"], value_set=index["user_id"])).to_numpy(zero_copy_only=False)
-        self.user_factors = np.zeros((n_users, factors_matrix(users).shape[1]), np.float32)
-        self.user_factors[rows.astype(np.int64)] = factors_matrix(users)
-        self.has_factors = np.zeros(n_users, bool)
-        self.has_factors[rows.astype(np.int64)] = True
+        self.user_factors, self.has_factors = factors_by_index(
+            storage, factors_dataset("plays", "user_factors"), USER_INDEX, id_column="user_id", n_rows=n_users)
 
         # test songs: split == test, at least one test play, and a track with a spectrogram
         items = storage.read_dataset(storage.uri(ITEM_INDEX))
@@ -269,8 +264,9 @@ def _method_raw_cnn(cfg, s, cache, rt):
     rt.ensure_ray()
     result = run_train(variant, rt.storage, promote=False)
     model, artifact = load_model(rt.storage, result.model_version)
-    table = rt.storage.read_dataset(rt.storage.uri(WAVEFORMS), columns=["track_id", "n_mels", "n_frames", "mel"])
-    table = table.filter(pc.is_in(table["track_id"], value_set=pa.array(s.test_tracks, pa.string())))
+    # only the test songs' waveforms: the train / valid ones are most of the dataset
+    table = rt.storage.read_dataset(rt.storage.uri(WAVEFORMS), columns=["track_id", "n_mels", "n_frames", "mel"],
+                                    filters=pc.field("track_id").isin(s.test_tracks))
     clips = dict(zip(table["track_id"].to_pylist(), _mels(table)))
     have = [t for t in s.test_tracks if t in clips]
     # a test song whose audio did not decode again gets the train mean (counted below)
@@ -324,8 +320,7 @@ def _tag_prediction(cfg: Config, storage: Storage, s: _Split, cache: dict, rt) -
     from deepcontent.train.data import TrainingDataError, build_targets, list_matrix
 
     ec, fc = cfg.evaluate, cfg.factorize
-    exports = storage.published(storage.uri(EXPORTS))
-    files = {f.rsplit("/", 1)[1]: join(storage.uri(EXPORTS), f) for f in exports["files"]}
+    files = export_files(storage, storage.published(storage.uri(EXPORTS)))
     if "item_tags_train.npz" not in files or load_csr(storage, files["item_tags_train.npz"]).nnz == 0:
         return {"skipped": "no tags on train songs: the catalog has no tag matrix to factorise"}
     tag_cfg = cfg.model_copy(update={"factorize": fc.model_copy(update={"matrix": "tags"})})
@@ -341,13 +336,8 @@ def _tag_prediction(cfg: Config, storage: Storage, s: _Split, cache: dict, rt) -
         return {"skipped": f"{len(tagged)} test songs with tags: too few to rank"}
     tags_test = tags_test[tagged]  # tagged test songs × tags
     truth = tags_test.T.tocsr()  # tags × test songs
-    vt = storage.read_dataset(storage.uri(factors_dataset("tags", "tag_factors")))
-    index = storage.read_dataset(storage.uri(TAG_INDEX))
-    rows = pc.take(index["idx"], pc.index_in(vt["tag"], value_set=index["tag"])).to_numpy(zero_copy_only=False)
-    V = np.zeros((truth.shape[0], factors_matrix(vt).shape[1]), np.float32)
-    V[rows.astype(np.int64)] = factors_matrix(vt)
-    has_v = np.zeros(truth.shape[0], bool)
-    has_v[rows.astype(np.int64)] = True
+    V, has_v = factors_by_index(storage, factors_dataset("tags", "tag_factors"), TAG_INDEX, id_column="tag",
+                                n_rows=truth.shape[0])
     eval_tags = np.flatnonzero(has_v & (np.diff(truth.indptr) > 0))
     test_mels = [s.test_mels[i] for i in tagged]
     y_train, y_valid = list_matrix(data.train["target"]), list_matrix(data.valid["target"])

@@ -26,13 +26,14 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from deepcontent.config import Config
 from deepcontent.factorize.factory import make_factorizer
 from deepcontent.factorize.foldin import fold_in
 from deepcontent.manifest import RunManifest, StageResult, log
-from deepcontent.matrices import EXPORTS, ITEM_INDEX, SPLITS, TAG_INDEX, USER_INDEX, load_csr
+from deepcontent.matrices import EXPORTS, ITEM_INDEX, SPLITS, TAG_INDEX, USER_INDEX, export_files, load_csr
 from deepcontent.storage import Storage, join, new_run_id
 
 STAGE = "factorize"
@@ -63,6 +64,27 @@ def factors_matrix(table: pa.Table) -> np.ndarray:
     return flat.reshape(n, -1) if n else flat.reshape(0, 0)
 
 
+def factors_by_index(storage: Storage, factors_name: str, index_name: str, *, id_column: str,
+                     n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A published factors dataset laid out by its id map: ``(factors (n_rows, f) float32, has
+    (n_rows,) bool)``, row i = the id whose index is i; ids without factors (e.g. users with no
+    train plays) get a zero row and ``has[i] = False``.
+
+    ``factors_name`` e.g. ``factors_dataset("plays", "user_factors")``, ``index_name`` the id
+    map (``USER_INDEX`` / ``TAG_INDEX``) keyed by ``id_column``; ``n_rows`` is the matrices'
+    size on that side."""
+    table = storage.read_dataset(storage.uri(factors_name))
+    index = storage.read_dataset(storage.uri(index_name))
+    rows = pc.take(index["idx"], pc.index_in(table[id_column], value_set=index[id_column]))
+    rows = rows.to_numpy(zero_copy_only=False).astype(np.int64)
+    f = factors_matrix(table)
+    out = np.zeros((n_rows, f.shape[1]), np.float32)
+    out[rows] = f
+    has = np.zeros(n_rows, bool)
+    has[rows] = True
+    return out, has
+
+
 def _ids_by_index(storage: Storage, name: str, id_column: str) -> np.ndarray:
     t = storage.read_dataset(storage.uri(name))
     out = np.empty(t.num_rows, dtype=object)
@@ -87,7 +109,7 @@ def run_factorize(cfg: Config, storage: Storage, spark=None, *, warehouse=None) 
     run_id = new_run_id(STAGE)
     manifest = RunManifest(STAGE, run_id, cfg.public_dict(), cfg.fingerprint("factorize"))
     manifest.inputs = {"matrices": exports["run_id"], "fingerprint": fingerprint}
-    files = {join(storage.uri(EXPORTS), f).rsplit("/", 1)[1]: join(storage.uri(EXPORTS), f) for f in exports["files"]}
+    files = export_files(storage, exports)
     prefix = "user_items" if fc.matrix == "plays" else "item_tags"
     with manifest.timed("load"):
         train = load_csr(storage, files[f"{prefix}_train.npz"])

@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow.compute as pc
 
 from deepcontent.config import Config
-from deepcontent.factorize.stage import factors_dataset, factors_matrix
+from deepcontent.factorize.stage import factors_by_index, factors_dataset
 from deepcontent.manifest import RunManifest, StageResult, code_version, log
-from deepcontent.matrices import EXPORTS, USER_INDEX, load_csr
+from deepcontent.matrices import EXPORTS, USER_INDEX, export_files, load_csr
 from deepcontent.storage import Storage, join, new_run_id
 from deepcontent.train.backend import Backend, resolve_backend
 from deepcontent.train.checkpoint_fs import checkpoint_filesystem
@@ -84,15 +84,12 @@ def _wpe_payload(cfg: Config, storage: Storage, data: TrainingData):
     exports = storage.published(storage.uri(EXPORTS))
     if exports is None:
         raise TrainingDataError(f"train.loss=wpe needs the play matrix exports at {storage.uri(EXPORTS)}")
-    files = {f.rsplit("/", 1)[1]: join(storage.uri(EXPORTS), f) for f in exports["files"]}
+    files = export_files(storage, exports)
     user_items = load_csr(storage, files["user_items_train.npz"])
     conf = confidence_matrix(user_items, alpha=cfg.factorize.alpha, eps=cfg.factorize.eps, dtype=np.float32)
     item_users = conf.T.tocsr()
-    users = storage.read_dataset(storage.uri(factors_dataset("plays", "user_factors")))
-    index = storage.read_dataset(storage.uri(USER_INDEX))
-    rows = pc.take(index["idx"], pc.index_in(users["user_id"], value_set=index["user_id"])).to_numpy(zero_copy_only=False)
-    x = np.zeros((user_items.shape[0], data.n_factors), dtype=np.float32)
-    x[rows.astype(np.int64)] = factors_matrix(users)
+    x, _ = factors_by_index(storage, factors_dataset("plays", "user_factors"), USER_INDEX, id_column="user_id",
+                            n_rows=user_items.shape[0])
     return item_users, x
 
 
