@@ -132,7 +132,14 @@ def test_server_starts_and_stops_cleanly(tmp_path):
         st = Storage("s3://bucket-one", endpoint_url=server.endpoint_url, credentials=server.credentials)
         st.ensure_root()
         st.write_bytes(st.uri("f.txt"), b"on disk")
+        # its own CPU time grows with the work it serves; benchmarks charge it with this
+        assert server.pid is not None
+        before = server.cpu_seconds()
+        for _ in range(500):
+            st.read_bytes(st.uri("f.txt"))
+        assert server.cpu_seconds() > before >= 0.0
     assert not server.running
+    assert server.pid is None and server.cpu_seconds() == 0.0
     assert (tmp_path / "data" / "bucket-one" / "f.txt").read_bytes() == b"on disk"
 
 

@@ -162,15 +162,6 @@ def read_clips(storage: Storage) -> list[np.ndarray]:
     return clips
 
 
-def process_cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``), 0 if unknown."""
-    if pid is None:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def forward_seconds(model, artifact, clips: list[np.ndarray], *, threads: int, clips_per_batch: int,
                     windows_per_forward: int) -> tuple[float, float]:
     """Wall and CPU time (all threads of this process) of ``clip_outputs`` over ``clips`` with
@@ -252,10 +243,10 @@ def main() -> int:
 
             def runners() -> dict:
                 def embed():
-                    t, server_cpu = time.perf_counter(), process_cpu_seconds(server.pid)
+                    t, server_cpu = time.perf_counter(), server.cpu_seconds()
                     result = COMMAND_STAGES["embed"](cfg, storage, rt)
                     embed_runs.append({"seconds": time.perf_counter() - t, "result": result,
-                                       "server_cpu_s": process_cpu_seconds(server.pid) - server_cpu})
+                                       "server_cpu_s": server.cpu_seconds() - server_cpu})
                     return result
 
                 out = {name: (lambda fn=COMMAND_STAGES[name]: fn(cfg, storage, rt)) for name in cfg.nightly.stages}
@@ -277,11 +268,11 @@ def main() -> int:
                 model, artifact = load_model(storage, version)
                 # Reading the input alone, as the actors read it, in this one process: wall time,
                 # this process's CPU (the reader's share) and the server's.
-                server_cpu0, cpu0, t0 = process_cpu_seconds(server.pid), time.process_time(), time.perf_counter()
+                server_cpu0, cpu0, t0 = server.cpu_seconds(), time.process_time(), time.perf_counter()
                 decoded = read_clips(storage)
                 read_s = time.perf_counter() - t0
                 reader_cpu_s = time.process_time() - cpu0
-                read_server_cpu_s = process_cpu_seconds(server.pid) - server_cpu0
+                read_server_cpu_s = server.cpu_seconds() - server_cpu0
                 assert len(decoded) == clips
                 log(f"forward pass alone: {clips} clips, 1 process × {threads} torch threads")
                 fwd = [forward_seconds(model, artifact, decoded, threads=threads, clips_per_batch=ec.clips_per_batch,

@@ -48,20 +48,15 @@ from deepcontent.storage import Storage  # noqa: E402
 from deepcontent.synth.generate import generate  # noqa: E402
 
 
-def _proc_cpu_s(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _s3_read_cpu_ms(storage: Storage, server: EmbeddedS3Server, prefix: str) -> float:
     """Client + server CPU per clip for reading every clip once through the S3 server."""
     objs = storage.list(prefix)
-    server_0, client_0 = _proc_cpu_s(server._proc.pid), os.times()
+    server_0, client_0 = server.cpu_seconds(), os.times()
     for o in objs:
         storage.read_bytes(o.uri)
     client_1 = os.times()
     client = client_1.user + client_1.system - client_0.user - client_0.system
-    return (client + _proc_cpu_s(server._proc.pid) - server_0) / max(len(objs), 1) * 1000
+    return (client + server.cpu_seconds() - server_0) / max(len(objs), 1) * 1000
 
 
 def main() -> int:

@@ -72,8 +72,18 @@ class EmbeddedS3Server:
 
     @property
     def pid(self) -> int | None:
-        """The server process's id while it runs (benchmarks read its CPU time), else None."""
+        """The server process's id while it runs, else None."""
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the server process has used so far (Linux ``/proc``; 0
+        when it is not running): benchmarks charge the co-located server's share with it."""
+        pid = self.pid
+        if pid is None:
+            return 0.0
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def start(self, *, timeout: float = 20.0) -> "EmbeddedS3Server":
         self.data_dir.mkdir(parents=True, exist_ok=True)
