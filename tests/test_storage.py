@@ -155,3 +155,36 @@ def test_credentials_come_from_a_file_outside_the_repo_and_never_print(tmp_path,
     assert "FILESECRET" not in repr(st)
     with pytest.raises(StorageError, match=r"no \[other\] profile"):
         resolve_credentials(StorageConfig(credentials_file=str(cred), credentials_profile="other"))
+
+
+def test_a_killed_owner_leaves_no_server_behind(tmp_path):
+    """SIGKILL runs no cleanup in the process that started the server (a CLI killed by a
+    scheduler, the embed fault test); the server must go with it, not linger on its port."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time\n"
+            "from deepcontent.engines.s3server import EmbeddedS3Server\n"
+            f"s = EmbeddedS3Server({str(tmp_path / 'data')!r}).start()\n"
+            "print(s.pid, flush=True)\n"
+            "time.sleep(60)\n")
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    server_pid = int(owner.stdout.readline())
+    os.kill(server_pid, 0)  # running
+    owner.send_signal(signal.SIGKILL)
+    owner.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{server_pid}/stat") as f:  # reaped by init once it exits: a zombie counts as gone
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        time.sleep(0.1)
+    os.kill(server_pid, signal.SIGKILL)
+    raise AssertionError(f"the S3 server (pid {server_pid}) outlived its killed owner")

