@@ -10,3 +10,22 @@ def config_for(storage: Storage, tmp_path, **overrides):
              f"warehouse.uri=sqlite:///{tmp_path}/catalog.db"]
     pairs += [f"{k}={v}" for k, v in overrides.items()]
     return load_config(None, overrides=pairs, environ={})
+
+
+def run_stage(name: str, cfg, storage: Storage, spark=None):
+    """Run the registered stage ``name`` as the CLI would, on ``storage`` with the test's Spark
+    session (never stopped here); the stage's warehouse (and Ray, if it started it) is closed after."""
+    from deepcontent.stages import STAGES, StageContext
+
+    ctx = StageContext(cfg, storage, spark=spark)
+    try:
+        return STAGES[name].runner()(cfg, ctx)
+    finally:
+        ctx.close()
+
+
+def context(cfg, storage: Storage, spark=None):
+    """A :class:`~deepcontent.stages.StageContext` on ``storage`` with the test's Spark session."""
+    from deepcontent.stages import StageContext
+
+    return StageContext(cfg, storage, spark=spark)

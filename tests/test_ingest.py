@@ -5,10 +5,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from support import config_for
-from deepcontent.ingest import PLAYS, QUARANTINE, TAGS, TRACKS, QuarantineThresholdExceeded, run_ingest
+from deepcontent import datasets
+from deepcontent.errors import QuarantineExceeded
+from support import config_for, run_stage
+
 from deepcontent.interactions.sources import parse_mismatches
 from deepcontent.synth.generate import generate
+
+PLAYS, TAGS, TRACKS = datasets.PLAYS.key, datasets.TAGS.key, datasets.TRACKS.key
+QUARANTINE = datasets.quarantine("ingest").key
 
 # (reason, how to spoil a good "user \t song \t count" line)
 SPOILERS = [
@@ -62,7 +67,7 @@ def test_salted_triplets_quarantine_counts_are_exact_and_no_good_line_is_lost(ca
         else:
             good[(u, s, int(c))] += 1
 
-    result = run_ingest(cfg, storage, spark)
+    result = run_stage("ingest", cfg, storage, spark)
     assert result.published
     q = storage.read_dataset(storage.uri(QUARANTINE))
     from_triplets = np.array([src.startswith(uri + "@") for src in q["source"].to_pylist()])
@@ -82,7 +87,7 @@ def test_salted_triplets_quarantine_counts_are_exact_and_no_good_line_is_lost(ca
 
 def test_tracks_drop_mismatches_and_tags_of_unknown_tracks(catalog, spark):
     cfg, storage = catalog
-    run_ingest(cfg, storage, spark)
+    run_stage("ingest", cfg, storage, spark)
     tracks = storage.read_dataset(storage.uri(TRACKS))
     pairs = parse_mismatches(storage.read_bytes(storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.mismatches)))
     assert tracks.num_rows == cfg.synth.songs - pairs.num_rows
@@ -98,10 +103,10 @@ def test_tracks_drop_mismatches_and_tags_of_unknown_tracks(catalog, spark):
 
 def test_rerun_with_nothing_new_publishes_nothing(catalog, spark):
     cfg, storage = catalog
-    first = run_ingest(cfg, storage, spark)
+    first = run_stage("ingest", cfg, storage, spark)
     pointers = {name: storage.published(storage.uri(name)) for name in (TRACKS, PLAYS, TAGS, QUARANTINE)}
     listing = [o.uri for o in storage.list(storage.uri(""))]
-    second = run_ingest(cfg, storage, spark)
+    second = run_stage("ingest", cfg, storage, spark)
     assert not second.published and second.run_id == first.run_id
     assert {name: storage.published(storage.uri(name)) for name in pointers} == pointers
     assert [o.uri for o in storage.list(storage.uri(""))] == listing  # not even a manifest
@@ -114,8 +119,8 @@ def test_too_much_bad_input_fails_loudly_and_publishes_only_the_quarantine(catal
     for i in range(0, len(lines), 10):  # 10% garbage > the 5% default threshold
         lines[i] = "garbage"
     storage.write_bytes(uri, ("\n".join(lines) + "\n").encode())
-    with pytest.raises(QuarantineThresholdExceeded) as err:
-        run_ingest(cfg, storage, spark)
+    with pytest.raises(QuarantineExceeded) as err:
+        run_stage("ingest", cfg, storage, spark)
     msg = str(err.value)
     assert f"plays: " in msg and f"of {len(lines):,} records" in msg and storage.uri(QUARANTINE) in msg
     assert f"malformed_line {len(range(0, len(lines), 10)):,}" in msg

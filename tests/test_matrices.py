@@ -5,21 +5,23 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from support import config_for
-from deepcontent.factorize.stage import factors_dataset, factors_matrix, run_factorize
-from deepcontent.ingest import PLAYS, run_ingest
-from deepcontent.matrices import (
-    EXPORTS,
-    ITEM_INDEX,
-    QUARANTINE,
-    SPLITS,
-    USER_INDEX,
-    assign_splits,
-    extend_index,
-    load_csr,
-    run_matrices,
-)
+from deepcontent import datasets
+from deepcontent.datasets import load_csr
+from deepcontent.interactions.indexing import assign_splits, extend_index
 from deepcontent.synth.generate import generate
+from support import config_for, run_stage
+
+EXPORTS, ITEM_INDEX, SPLITS, USER_INDEX = (d.key for d in (datasets.EXPORTS, datasets.ITEM_INDEX, datasets.SPLITS,
+                                                             datasets.USER_INDEX))
+PLAYS, QUARANTINE = datasets.PLAYS.key, datasets.quarantine("matrices").key
+
+
+def factors_dataset(matrix, kind):
+    return datasets.factors(matrix, kind).key
+
+
+def factors_matrix(table):
+    return datasets.vectors(table["factors"])
 
 
 @pytest.fixture
@@ -28,7 +30,7 @@ def catalog(s3_storage, tmp_path, spark):
                                                "synth.mismatch_fraction": 0.0, "factorize.factors": 16,
                                                "factorize.num_threads": 1})
     generate(cfg, s3_storage)
-    run_ingest(cfg, s3_storage, spark)
+    run_stage("ingest", cfg, s3_storage, spark)
     return cfg, s3_storage
 
 
@@ -60,7 +62,7 @@ def test_splits_are_seeded_hashes_and_artist_level_keeps_artists_whole():
 
 def test_matrices_split_exports_and_stable_ids(catalog, spark):
     cfg, storage = catalog
-    first = run_matrices(cfg, storage, spark)
+    first = run_stage("matrices", cfg, storage, spark)
     assert first.published
     m = exports(storage)
     splits = storage.read_dataset(storage.uri(SPLITS))
@@ -76,14 +78,14 @@ def test_matrices_split_exports_and_stable_ids(catalog, spark):
         "user_items_test.npz"].sum() == pytest.approx(float(np.sum(plays["play_count"].to_numpy())))
     assert m["item_tags_train.npz"].shape[0] == items.num_rows
 
-    again = run_matrices(cfg, storage, spark)
+    again = run_stage("matrices", cfg, storage, spark)
     assert not again.published
 
     # New plays by new users for known songs: old ids keep their indices.
     users_before = storage.read_dataset(storage.uri(USER_INDEX))
     extra = pa.table({"user_id": pa.array(["f" * 40, "e" * 40]), "song_id": plays["song_id"][:2], "play_count": pa.array([3, 4], pa.int32())})
     _append_plays(storage, extra)
-    run_matrices(cfg, storage, spark)
+    run_stage("matrices", cfg, storage, spark)
     users_after = storage.read_dataset(storage.uri(USER_INDEX))
     before = dict(zip(users_before["user_id"].to_pylist(), users_before["idx"].to_pylist()))
     after = dict(zip(users_after["user_id"].to_pylist(), users_after["idx"].to_pylist()))
@@ -111,7 +113,7 @@ def test_bad_counts_and_unknown_songs_are_quarantined_not_factorised(catalog, sp
         "play_count": pa.array([0, -5, 2_000_000, 3], pa.int32()),
     })
     _append_plays(storage, bad)
-    run_matrices(cfg, storage, spark)
+    run_stage("matrices", cfg, storage, spark)
     q = storage.read_dataset(storage.uri(QUARANTINE))
     assert sorted(q["reason"].to_pylist()) == ["absurd_count", "nonpositive_count", "nonpositive_count", "unknown_song"]
     assert all("part-extra.parquet#row=" in s for s in q["source"].to_pylist())
@@ -124,8 +126,8 @@ def test_bad_counts_and_unknown_songs_are_quarantined_not_factorised(catalog, sp
 def test_factorize_publishes_train_and_valid_songs_only(catalog, spark, backend):
     cfg, storage = catalog
     cfg.factorize.backend = backend
-    run_matrices(cfg, storage, spark)
-    result = run_factorize(cfg, storage, spark)
+    run_stage("matrices", cfg, storage, spark)
+    result = run_stage("factorize", cfg, storage, spark)
     items = storage.read_dataset(storage.uri(factors_dataset("plays", "item_factors")))
     splits = storage.read_dataset(storage.uri(SPLITS))
     split_of = dict(zip(splits["song_id"].to_pylist(), splits["split"].to_pylist()))
@@ -135,21 +137,21 @@ def test_factorize_publishes_train_and_valid_songs_only(catalog, spark, backend)
     assert f.shape == (items.num_rows, 16) and np.isfinite(f).all()
     users = storage.read_dataset(storage.uri(factors_dataset("plays", "user_factors")))
     assert users.num_rows == result.counts["user_ids"] > 0
-    assert not run_factorize(cfg, storage, spark).published  # nothing new
+    assert not run_stage("factorize", cfg, storage, spark).published  # nothing new
 
 
 def test_tag_factors(catalog, spark):
     cfg, storage = catalog
-    run_matrices(cfg, storage, spark)
-    cfg.factorize.matrix = "tags"
-    run_factorize(cfg, storage)
+    run_stage("matrices", cfg, storage, spark)
+    cfg.factorize.matrices = ("tags",)
+    run_stage("factorize", cfg, storage)
     tags = storage.read_dataset(storage.uri(factors_dataset("tags", "tag_factors")))
     songs = storage.read_dataset(storage.uri(factors_dataset("tags", "item_factors")))
     assert tags.num_rows > 5 and songs.num_rows > 20
     assert factors_matrix(tags).shape[1] == cfg.factorize.factors  # tag_factors unset: the same count
     # the tag WMF may have a size of its own; a new size is a new fit
     cfg.factorize.tag_factors = 3
-    assert run_factorize(cfg, storage).published
+    assert run_stage("factorize", cfg, storage).published
     tags = storage.read_dataset(storage.uri(factors_dataset("tags", "tag_factors")))
     songs = storage.read_dataset(storage.uri(factors_dataset("tags", "item_factors")))
     assert factors_matrix(tags).shape[1] == 3 and factors_matrix(songs).shape[1] == 3
@@ -159,7 +161,7 @@ def test_a_catalog_without_tags_still_builds_matrices(s3_storage, tmp_path, spar
     cfg = config_for(s3_storage, tmp_path, **{"synth.songs": 40, "synth.users": 200, "synth.audio": "false",
                                                "synth.lastfm_format": "none"})
     generate(cfg, s3_storage)
-    run_ingest(cfg, s3_storage, spark)
-    run_matrices(cfg, s3_storage, spark)
+    run_stage("ingest", cfg, s3_storage, spark)
+    run_stage("matrices", cfg, s3_storage, spark)
     m = exports(s3_storage)
     assert m["item_tags_train.npz"].shape[1] == 0 and m["user_items_train.npz"].nnz > 0

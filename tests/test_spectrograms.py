@@ -4,23 +4,27 @@ import io
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import soundfile as sf
 
-from support import config_for
-from deepcontent.ingest import TRACKS, run_ingest
-from deepcontent.spectrograms import (
-    AUDIO_INDEX,
-    QUARANTINE,
-    SPECTROGRAMS,
-    SpectrogramQuarantineExceeded,
-    decode_mel,
-    read_spectrograms,
-    run_spectrograms,
-)
+from deepcontent import datasets
+from deepcontent.errors import QuarantineExceeded
 from deepcontent.synth.audio import encode_audio, render_clip
 from deepcontent.synth.attributes import sample_attributes
 from deepcontent.synth.generate import generate
+from support import config_for, run_stage
+
+TRACKS, AUDIO_INDEX, SPECTROGRAMS = datasets.TRACKS.key, datasets.AUDIO_INDEX.key, datasets.SPECTROGRAMS.key
+QUARANTINE = datasets.quarantine("spectrograms").key
+
+
+def read_spectrograms(storage, *, columns=None):
+    return datasets.SPECTROGRAMS.read(storage, columns=columns)
+
+
+def decode_mel(row):
+    return datasets.mel_arrays(pa.Table.from_pylist([row]))[0]
 
 
 def _catalog(storage, tmp_path, spark, songs=24, **extra):
@@ -30,7 +34,7 @@ def _catalog(storage, tmp_path, spark, songs=24, **extra):
         "spectrograms.compute_fn": "spectro_faults:compute_with_faults", "spectrograms.decode_timeout_s": 4,
         "spectrograms.clips_per_task": 8, **extra})
     generate(cfg, storage)
-    run_ingest(cfg, storage, spark)
+    run_stage("ingest", cfg, storage, spark)
     return cfg
 
 
@@ -78,7 +82,7 @@ def _salt(storage, tracks, salts):
 def test_bad_files_are_quarantined_exactly_and_good_spectrograms_are_unaffected(s3_storage, tmp_path, spark):
     storage = s3_storage
     cfg = _catalog(storage, tmp_path, spark, **{"spectrograms.max_quarantine_fraction": 0.5})
-    clean = run_spectrograms(cfg, storage, spark)
+    clean = run_stage("spectrograms", cfg, storage, spark)
     assert clean.published and clean.counts["computed"] == 24
     clean_rows = {r["track_id"]: r for r in read_spectrograms(storage).to_pylist()}
     row = next(iter(clean_rows.values()))
@@ -93,7 +97,7 @@ def test_bad_files_are_quarantined_exactly_and_good_spectrograms_are_unaffected(
     tracks = storage.read_dataset(storage.uri(TRACKS)).to_pylist()
     salted = _salt(storage, tracks[:len(SALTS)], SALTS)
 
-    result = run_spectrograms(cfg, storage, spark)
+    result = run_stage("spectrograms", cfg, storage, spark)
     expected = Counter(v for v in salted.values() if v != "ok")
     assert Counter(result.quarantined) == expected
     q = storage.read_dataset(storage.uri(QUARANTINE))
@@ -115,8 +119,8 @@ def test_too_many_bad_clips_fail_the_run_naming_count_and_location(s3_storage, t
     cfg = _catalog(storage, tmp_path, spark, songs=20)
     tracks = storage.read_dataset(storage.uri(TRACKS)).to_pylist()
     _salt(storage, tracks[:3], [("empty", lambda b: b"")] * 3)  # 15% > the default 5%
-    with pytest.raises(SpectrogramQuarantineExceeded) as err:
-        run_spectrograms(cfg, storage, spark)
+    with pytest.raises(QuarantineExceeded) as err:
+        run_stage("spectrograms", cfg, storage, spark)
     assert "3 of 20 clips" in str(err.value) and storage.uri(QUARANTINE) in str(err.value)
     assert storage.published(storage.uri(SPECTROGRAMS)) is None
     assert storage.read_dataset(storage.uri(QUARANTINE)).num_rows == 3
@@ -131,18 +135,18 @@ def test_incremental_reruns_and_added_tracks(s3_storage, tmp_path, spark):
     lines = full.decode().splitlines()
     # Start from a catalog that lacks the last 10 tracks, then add them.
     storage.write_bytes(tracks_uri, ("\n".join(lines[:20]) + "\n").encode())
-    run_ingest(cfg, storage, spark)
-    first = run_spectrograms(cfg, storage, spark)
+    run_stage("ingest", cfg, storage, spark)
+    first = run_stage("spectrograms", cfg, storage, spark)
     assert first.counts["processed"] == 20
 
     pointers = {n: storage.published(storage.uri(n)) for n in (SPECTROGRAMS, AUDIO_INDEX, QUARANTINE)}
-    again = run_spectrograms(cfg, storage, spark)
+    again = run_stage("spectrograms", cfg, storage, spark)
     assert not again.published and again.counts["processed"] == 0
     assert {n: storage.published(storage.uri(n)) for n in pointers} == pointers  # nothing published
 
     storage.write_bytes(tracks_uri, full)
-    run_ingest(cfg, storage, spark)
-    added = run_spectrograms(cfg, storage, spark)
+    run_stage("ingest", cfg, storage, spark)
+    added = run_stage("spectrograms", cfg, storage, spark)
     assert added.counts["processed"] == 10 and added.counts["computed"] == 10
     table = read_spectrograms(storage, columns=["track_id"])
     assert table.num_rows == 30 and len(set(table["track_id"].to_pylist())) == 30
@@ -154,16 +158,16 @@ def test_incremental_reruns_and_added_tracks(s3_storage, tmp_path, spark):
     _time.sleep(1.1)  # object stores keep modification times to the second
     storage.write_bytes(touched["audio_uri"], storage.read_bytes(touched["audio_uri"]))
     spec_pointer = storage.published(storage.uri(SPECTROGRAMS))
-    same = run_spectrograms(cfg, storage, spark)
+    same = run_stage("spectrograms", cfg, storage, spark)
     assert same.counts["processed"] == 1 and same.counts["unchanged"] == 1 and same.counts["computed"] == 0
     assert storage.published(storage.uri(SPECTROGRAMS)) == spec_pointer
-    assert run_spectrograms(cfg, storage, spark).counts["processed"] == 0  # and remembered
+    assert run_stage("spectrograms", cfg, storage, spark).counts["processed"] == 0  # and remembered
 
     # Changed audio replaces the old spectrogram (one row per track, new hash).
     track = storage.read_dataset(storage.uri(TRACKS)).to_pylist()[0]
     old = {r["track_id"]: r["audio_sha256"] for r in read_spectrograms(storage, columns=["track_id", "audio_sha256"]).to_pylist()}
     storage.write_bytes(track["audio_uri"], _ogg_bytes())
-    changed = run_spectrograms(cfg, storage, spark)
+    changed = run_stage("spectrograms", cfg, storage, spark)
     assert changed.counts["processed"] == 1
     now = {r["track_id"]: r["audio_sha256"] for r in read_spectrograms(storage, columns=["track_id", "audio_sha256"]).to_pylist()}
     assert len(now) == 30 and now[track["track_id"]] != old[track["track_id"]]

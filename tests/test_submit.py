@@ -331,7 +331,7 @@ def test_a_stage_failing_on_the_cluster_is_the_exit_status(spark_standalone, tmp
     out = _submit(["ingest", "--config", str(cfg)], cwd=tmp_path, env_extra={"SPARK_LOCAL_IP": "127.0.0.1"})
     assert out.returncode == 1, out.stderr[-3000:]
     # the job's own one-line error (spark-submit runs the Python driver with its stderr on stdout)
-    assert "deepcontent ingest: failed: FileNotFoundError" in out.stdout and "unique_tracks.txt" in out.stdout, out.stdout[-3000:]
+    assert "deepcontent ingest: failed: InputMissingError" in out.stdout and "unique_tracks.txt" in out.stdout, out.stdout[-3000:]
     assert out.stderr.strip().splitlines()[-1] == \
         "deepcontent submit: ingest failed: spark-submit exited with status 1 (its output is above)"
 
@@ -375,20 +375,17 @@ TINY = {"synth.songs": 40, "synth.users": 400, "synth.clip_seconds": 4, "synth.a
 def test_train_submitted_to_a_ray_head(ray_head, spark, tmp_path):
     """`train` as a Ray job: the checkout is uploaded, the job joins the cluster (`auto`), trains
     on one worker and registers the model in the file:// store."""
-    from deepcontent.factorize.stage import run_factorize
-    from deepcontent.ingest import run_ingest
-    from deepcontent.matrices import run_matrices
-    from deepcontent.spectrograms import run_spectrograms
+    from support import run_stage
     from deepcontent.synth.generate import generate
 
     storage = Storage(f"file://{tmp_path}/store")
     storage.ensure_root()
     cfg = config_for(storage, tmp_path, **TINY)
     generate(cfg, storage)
-    run_ingest(cfg, storage, spark)
-    run_spectrograms(cfg, storage, spark)
-    run_matrices(cfg, storage, spark)
-    run_factorize(cfg, storage)
+    run_stage("ingest", cfg, storage, spark)
+    run_stage("spectrograms", cfg, storage, spark)
+    run_stage("matrices", cfg, storage, spark)
+    run_stage("factorize", cfg, storage)
 
     config = _cluster_config(tmp_path, storage, ray={"address": ray_head},
                              matrices={"split_fractions": [0.6, 0.3, 0.1]}, factorize={"factors": 8},

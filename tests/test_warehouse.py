@@ -28,8 +28,8 @@ from deepcontent.warehouse import (
     conform,
 )
 
-# The data contract of ARCHITECTURE.md, written out independently of the module:
-# (column, Iceberg type, required).
+# The warehouse tables of docs/architecture.md, written out independently of the module:
+# (column, Iceberg type, required). Spectrograms are Parquet shards, not a warehouse table.
 FLOATS = "list<float>"
 CONTRACT = {
     "tracks": [("track_id", "string", True), ("song_id", "string", True), ("artist", "string", False),
@@ -38,14 +38,12 @@ CONTRACT = {
     "tags": [("track_id", "string", True), ("tag", "string", True), ("weight", "int", True)],
     "quarantine": [("stage", "string", True), ("source", "string", True), ("reason", "string", True),
                    ("detail", "string", False), ("run_id", "string", True)],
-    "spectrograms": [("track_id", "string", True), ("audio_sha256", "string", True), ("sample_rate", "int", True),
-                     ("hop_length", "int", True), ("n_mels", "int", True), ("n_frames", "int", True),
-                     ("mel", "binary", True), ("harmonic", "binary", False), ("percussive", "binary", False)],
     "user_index": [("user_id", "string", True), ("idx", "int", True)],
     "item_index": [("song_id", "string", True), ("idx", "int", True)],
     "tag_index": [("tag", "string", True), ("idx", "int", True)],
     "splits": [("song_id", "string", True), ("split", "string", True)],
-    "item_factors": [("song_id", "string", True), ("factors", FLOATS, True), ("run_id", "string", True)],
+    "item_factors": [("song_id", "string", True), ("factors", FLOATS, True), ("split", "string", True),
+                     ("run_id", "string", True)],
     "user_factors": [("user_id", "string", True), ("factors", FLOATS, True), ("run_id", "string", True)],
     "embeddings": [("track_id", "string", True), ("model_version", "string", True),
                    ("predicted_factors", FLOATS, True), ("embedding", FLOATS, True),
@@ -166,8 +164,8 @@ def test_conform_casts_plain_types_and_rejects_bad_columns():
         ("plays", {"user_id": ["u"], "play_count": [1]}, "song_id"),  # required column missing
         ("plays", {"user_id": ["u"], "song_id": ["s"], "play_count": [1], "plays": [1]}, "plays"),  # unknown
         ("tracks", {"track_id": [1], "song_id": ["S"]}, "track_id"),  # int -> string
-        ("item_factors", {"song_id": ["s"], "factors": [[1.0, None]], "run_id": ["r"]}, "factors"),
-        ("item_factors", {"song_id": ["s"], "factors": [["a"]], "run_id": ["r"]}, "factors"),
+        ("item_factors", {"song_id": ["s"], "factors": [[1.0, None]], "split": ["train"], "run_id": ["r"]}, "factors"),
+        ("item_factors", {"song_id": ["s"], "factors": [["a"]], "split": ["train"], "run_id": ["r"]}, "factors"),
     ]
     for name, columns, bad in cases:
         with pytest.raises(WarehouseSchemaError) as info:

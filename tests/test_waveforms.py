@@ -10,9 +10,12 @@ import pyarrow as pa
 import pytest
 import soundfile as sf
 
-from deepcontent.spectrograms import AUDIO_INDEX, INDEX_SCHEMA, SPECTROGRAM_SCHEMA
-from deepcontent.waveforms import WAVEFORMS, publish_waveforms
-from support import config_for
+from deepcontent import datasets
+from deepcontent.stages.waveforms import publish_waveforms
+from support import config_for, context
+
+AUDIO_INDEX, WAVEFORMS = datasets.AUDIO_INDEX.key, datasets.WAVEFORMS.key
+INDEX_SCHEMA, SPECTROGRAM_SCHEMA = datasets.AUDIO_INDEX.schema, datasets.SPECTROGRAMS.schema
 
 
 def _wav(y: np.ndarray, sr: int) -> bytes:
@@ -30,7 +33,7 @@ def _index(storage, entries: list[tuple[str, str, str]]) -> None:
     storage.publish(storage.uri(AUDIO_INDEX), run_id="r1", files=[f])
 
 
-def test_waveforms_are_resampled_mono_in_the_spectrogram_schema(file_storage, tmp_path):
+def test_waveforms_are_resampled_mono_in_the_spectrogram_schema(file_storage, tmp_path, spark):
     cfg = config_for(file_storage, tmp_path)
     sr = cfg.spectrograms.sample_rate
     t = np.arange(44100 * 2) / 44100
@@ -41,7 +44,7 @@ def test_waveforms_are_resampled_mono_in_the_spectrogram_schema(file_storage, tm
                           ("TRB", file_storage.uri("raw", "b.wav"), "ok"),
                           ("TRC", file_storage.uri("raw", "c.wav"), "undecodable")])
 
-    out = publish_waveforms(cfg, file_storage, track_ids=["TRA", "TRB", "TRC", "TRD"])
+    out = publish_waveforms(cfg, context(cfg, file_storage, spark), track_ids=["TRA", "TRB", "TRC", "TRD"])
     assert out["published"] and out["tracks"] == 1
     assert set(out["left_out"]) == {"TRB", "TRC", "TRD"}
     assert out["left_out"]["TRB"].startswith("undecodable")
@@ -57,7 +60,7 @@ def test_waveforms_are_resampled_mono_in_the_spectrogram_schema(file_storage, tm
     # the resampler's edges aside, the stored samples are the tone to float16 precision
     np.testing.assert_allclose(y[500:-500], expected[500:-500], atol=5e-3)
 
-    again = publish_waveforms(cfg, file_storage, track_ids=["TRD", "TRC", "TRB", "TRA"])
+    again = publish_waveforms(cfg, context(cfg, file_storage, spark), track_ids=["TRD", "TRC", "TRB", "TRA"])
     assert not again["published"] and again["run_id"] == out["run_id"]
     assert again["left_out"] == out["left_out"]  # the decode failure is still reported
 
@@ -66,4 +69,4 @@ def test_no_decodable_track_is_an_error_naming_one(file_storage, tmp_path):
     cfg = config_for(file_storage, tmp_path)
     _index(file_storage, [])
     with pytest.raises(ValueError, match=r"none of the 1 requested tracks .*TRX"):
-        publish_waveforms(cfg, file_storage, track_ids=["TRX"])
+        publish_waveforms(cfg, context(cfg, file_storage), track_ids=["TRX"])

@@ -1,4 +1,5 @@
-"""``deepcontent`` command line: one subcommand per stage, plus ``pipeline`` and ``nightly``.
+"""``deepcontent`` command line: one subcommand per registered stage (:data:`deepcontent.stages.STAGES`),
+plus ``generate``, ``pipeline`` and ``submit``.
 
 Every subcommand takes ``--config FILE`` (default: the embedded default, conf/local.yaml) and
 any number of ``key.path=value`` overrides, e.g.::
@@ -18,131 +19,27 @@ import logging
 import sys
 from typing import Callable
 
-from deepcontent.config import ConfigError, load_config
+from deepcontent.config import Config, ConfigError, load_config
 from deepcontent.manifest import log, setup_logging
+from deepcontent.stages import PIPELINE, STAGES
 
 
-class _Runtime:
-    """Engines a command needs, started on first use and shared by the stages it runs
-    (one Spark session for a whole pipeline, not one per stage)."""
-
-    def __init__(self, cfg, storage) -> None:
-        self.cfg, self.storage = cfg, storage
-        self._spark = self._warehouse = None
-        self._ray_started = False
-
-    def ensure_ray(self) -> None:
-        """Start Ray once for every Ray stage of the command (stages keep a running session)."""
-        import ray
-
-        if not ray.is_initialized():
-            from deepcontent.engines.ray import init_ray
-
-            init_ray(self.cfg.ray)
-            self._ray_started = True
-
-    @property
-    def spark(self):
-        if self._spark is None:
-            from deepcontent.engines.spark import spark_session
-
-            self._spark = spark_session(self.cfg.spark)
-        return self._spark
-
-    @property
-    def warehouse(self):
-        if self._warehouse is None:
-            from deepcontent.warehouse import Warehouse
-
-            self._warehouse = Warehouse.from_config(self.cfg.warehouse, self.storage)
-        return self._warehouse
-
-    def close(self) -> None:
-        if self._spark is not None:
-            self._spark.stop()
-        if self._warehouse is not None:
-            self._warehouse.close()
-        if self._ray_started:
-            import ray
-
-            ray.shutdown()
-
-
-def _ingest(cfg, storage, rt):
-    from deepcontent.ingest import run_ingest
-
-    return run_ingest(cfg, storage, rt.spark, warehouse=rt.warehouse)
-
-
-def _spectrograms(cfg, storage, rt):
-    from deepcontent.spectrograms import run_spectrograms
-
-    return run_spectrograms(cfg, storage, rt.spark)
-
-
-def _matrices(cfg, storage, rt):
-    from deepcontent.matrices import run_matrices
-
-    return run_matrices(cfg, storage, rt.spark)
-
-
-def _factorize(cfg, storage, rt):
-    from deepcontent.factorize.stage import run_factorize
-
-    spark = rt.spark if cfg.factorize.backend == "spark" else None
-    return run_factorize(cfg, storage, spark, warehouse=rt.warehouse)
-
-
-def _train(cfg, storage, rt):
-    from deepcontent.train.stage import run_train
-
-    rt.ensure_ray()
-    return run_train(cfg, storage)
-
-
-def _embed(cfg, storage, rt):
-    from deepcontent.embed.stage import run_embed
-
-    rt.ensure_ray()
-    return run_embed(cfg, storage, rt.warehouse)
-
-
-def _neighbors(cfg, storage, rt):
-    from deepcontent.embed.neighbors import run_neighbors
-
-    return run_neighbors(cfg, storage, rt.warehouse)
-
-
-def _evaluate(cfg, storage, rt):
-    from deepcontent.evaluate.stage import run_evaluate
-
-    return run_evaluate(cfg, storage, rt)
-
-
-# The stages in pipeline order.
-STAGES: dict[str, Callable] = {"ingest": _ingest, "spectrograms": _spectrograms, "matrices": _matrices,
-                               "factorize": _factorize, "train": _train, "embed": _embed, "neighbors": _neighbors,
-                               "evaluate": _evaluate}
-COMMAND_STAGES: dict[str, Callable] = dict(STAGES)
-
-
-def _run(cfg, stages: list[str], *, generate_first: bool) -> dict:
-    from deepcontent.engines.context import open_storage
+def _run(cfg: Config, stages: list[str], *, generate_first: bool) -> dict:
+    """Run ``stages`` in order on one :class:`~deepcontent.stages.StageContext` (generating the
+    catalog first when asked); returns each stage's result as a dict, plus where things are."""
+    from deepcontent.stages import StageContext, run_stage
 
     out: dict = {}
-    with open_storage(cfg) as storage:
+    with StageContext.open(cfg) as ctx:
         if generate_first:
             from deepcontent.synth.generate import generate
 
-            out["generate"] = generate(cfg, storage)
-        rt = _Runtime(cfg, storage)
-        try:
-            for name in stages:
-                out[name] = COMMAND_STAGES[name](cfg, storage, rt).to_dict()
-        finally:
-            rt.close()
+            out["generate"] = generate(cfg, ctx.storage)
+        for name in stages:
+            out[name] = run_stage(name, cfg, ctx).to_dict()
         out["warehouse"] = cfg.warehouse.uri
-        out["storage"] = {"root": storage.root, "served_from": cfg.storage.embedded_s3_dir if cfg.storage.embedded_s3 else None}
+        out["storage"] = {"root": ctx.storage.root,
+                          "served_from": cfg.storage.embedded_s3_dir if cfg.storage.embedded_s3 else None}
     return out
 
 
@@ -157,10 +54,26 @@ def _stage_command(name: str) -> Callable:
     return cmd
 
 
+def pipeline_plan(cfg: Config, *, stop_after: str | None = None) -> tuple[Config, list[str]]:
+    """The stages ``deepcontent pipeline`` runs and the config it runs them with: the train stage
+    also trains the model variants the evaluation reads, and ``waveforms`` runs only when a model
+    it trains reads them."""
+    from deepcontent.stages.evaluate import needed_variants
+    from deepcontent.train.variants import variants_reading_waveforms
+
+    names = list(PIPELINE)
+    if stop_after:
+        names = names[: names.index(stop_after) + 1]
+    if "evaluate" in names:
+        wanted = tuple(dict.fromkeys([*cfg.train.variants, *needed_variants(cfg)]))
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"variants": wanted})})
+    if "waveforms" in names and not ("train" in names and variants_reading_waveforms(cfg)):
+        names.remove("waveforms")
+    return cfg, names
+
+
 def _cmd_pipeline(cfg, args) -> dict:
-    names = list(STAGES)
-    if args.stop_after:
-        names = names[: names.index(args.stop_after) + 1]
+    cfg, names = pipeline_plan(cfg, stop_after=args.stop_after)
     out = _run(cfg, names, generate_first=not args.skip_generate)
     if "evaluate" in out:
         out["cold_start"] = out["evaluate"]["cold_start"]
@@ -176,19 +89,6 @@ def _results_table(cold_start: dict) -> list[str]:
     for method, m in cold_start.items():
         lines.append(f"    {method:<14}" + "".join(f"{m[k]:>10.4f}" for k in keys))
     return lines
-
-
-def _cmd_nightly(cfg, args) -> dict:
-    from deepcontent.engines.context import open_storage
-    from deepcontent.nightly import run_nightly
-
-    with open_storage(cfg) as storage:
-        rt = _Runtime(cfg, storage)
-        try:
-            runners = {name: (lambda fn=COMMAND_STAGES[name]: fn(cfg, storage, rt)) for name in cfg.nightly.stages}
-            return run_nightly(cfg, storage, runners)
-        finally:
-            rt.close()
 
 
 def _print_pipeline(result: dict) -> None:
@@ -252,17 +152,10 @@ def _print_pipeline(result: dict) -> None:
 
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "generate": (_cmd_generate, "write a synthetic catalog in the real MSD / Taste Profile / Last.fm / GTZAN / MTAT formats"),
-    "ingest": (_stage_command("ingest"), "Spark: raw formats -> canonical tracks, plays, tags and quarantine datasets"),
-    "spectrograms": (_stage_command("spectrograms"), "Spark: audio clips -> float16 log-mel shards (incremental, with quarantine)"),
-    "matrices": (_stage_command("matrices"), "Spark: plays and tags -> stable id maps, song splits, sparse matrices (COO + CSR)"),
-    "factorize": (_stage_command("factorize"), "WMF / implicit ALS on the train split (implicit, or Spark MLlib by config) -> latent factors"),
-    "train": (_stage_command("train"), "Ray Train: CNN from log-mel windows to item factors (DDP, checkpoints, early stopping) -> model registry"),
-    "embed": (_stage_command("embed"), "Ray Data: registered model over the spectrograms -> Iceberg embeddings (incremental, one commit per run)"),
-    "neighbors": (_stage_command("neighbors"), "top-k cosine neighbours over the embeddings -> Iceberg similar_tracks"),
-    "evaluate": (_stage_command("evaluate"), "cold-start metrics (mAP@500, AUC, NDCG@10, recall@50) per method, transfer to GTZAN, HTML report"),
-    "nightly": (_cmd_nightly, "ingest -> spectrograms -> embed -> neighbors for new or changed tracks with the production model; run summary"),
+    **{name: (_stage_command(name), stage.summary) for name, stage in STAGES.items()},
     "pipeline": (_cmd_pipeline, "run every stage in order on the configured catalog (generate first unless --skip-generate)"),
 }
+SUBMIT_HELP = "run one stage on a cluster: spark-submit or `ray job submit` (see deepcontent submit --help)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ray job submit for Ray stages; see deepcontent submit --help).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # parsed by deepcontent.submit (main hands it over before this parser runs); listed for --help
+    sub.add_parser("submit", help=SUBMIT_HELP, description=SUBMIT_HELP, add_help=False)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", "-c", default=None, help="config YAML (default: conf/local.yaml, the embedded default)")
@@ -284,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")
         if name == "pipeline":
             p.add_argument("--skip-generate", action="store_true", help="use the catalog already in storage")
-            p.add_argument("--stop-after", choices=list(STAGES), default=None, metavar="STAGE",
-                           help=f"stop after this stage (one of: {', '.join(STAGES)})")
+            p.add_argument("--stop-after", choices=list(PIPELINE), default=None, metavar="STAGE",
+                           help=f"stop after this stage (one of: {', '.join(PIPELINE)})")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return parser
 

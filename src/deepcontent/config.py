@@ -28,11 +28,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from deepcontent.audio.settings import MEL_FIELDS, MelSettings
+from deepcontent.errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_overrides"]
+
 ENV_PREFIX = "DEEPCONTENT__"
-
-
-class ConfigError(ValueError):
-    """A configuration file, override or value is invalid; the message names which."""
+_MEL = MelSettings()
 
 
 class _Section(BaseModel):
@@ -142,16 +144,22 @@ class IngestConfig(_Section):
 
 class SpectrogramConfig(_Section):
     """Log-mel settings (the papers': 22,050 Hz mono, window 1024, hop 512, 128 bands,
-    log(1 + 10,000·x)) and how the stage runs."""
+    log(1 + 10,000·x)) and how the stage runs.
 
-    sample_rate: int = 22050
-    n_fft: int = 1024
-    hop_length: int = 512
-    n_mels: int = 128
-    compression: float = 10_000.0
-    hpss: bool = False
+    The settings fields mirror :class:`~deepcontent.audio.settings.MelSettings` one for one and
+    take its defaults; :meth:`mel_settings` is the only conversion (a test checks the mirror)."""
+
+    sample_rate: int = _MEL.sample_rate
+    n_fft: int = _MEL.n_fft
+    hop_length: int = _MEL.hop_length
+    n_mels: int = _MEL.n_mels
+    fmin: float = _MEL.fmin
+    # None = sample_rate / 2
+    fmax: float | None = _MEL.fmax
+    compression: float = _MEL.compression
+    hpss: bool = _MEL.hpss
     # Longer audio is quarantined as too_long (decided from the header, before decoding).
-    max_seconds: float = 600.0
+    max_seconds: float = _MEL.max_seconds
     # Objects larger than this are quarantined as too_long without being read (memory bound).
     max_audio_bytes: int = 256 * 1024 * 1024
     clips_per_task: int = Field(64, ge=1)
@@ -160,6 +168,19 @@ class SpectrogramConfig(_Section):
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
     # The function run in the isolated decoder process ("module:function").
     compute_fn: str = "deepcontent.audio.features:compute_log_mel"
+
+    @model_validator(mode="after")
+    def _valid_settings(self) -> "SpectrogramConfig":
+        self.mel_settings()  # MelSettings checks every field and names the bad one
+        return self
+
+    def mel_settings(self) -> MelSettings:
+        """The :class:`MelSettings` these fields describe."""
+        return MelSettings(**{name: getattr(self, name) for name in MEL_FIELDS})
+
+    def frames(self, seconds: float) -> int:
+        """Spectrogram frames spanning ``seconds`` of audio at this sample rate and hop."""
+        return max(1, round(seconds * self.sample_rate / self.hop_length))
 
 
 class MatricesConfig(_Section):
@@ -178,7 +199,9 @@ class FactorizeConfig(_Section):
     """WMF (implicit ALS): c = 1 + alpha·log(1 + r/eps), objective of Hu, Koren & Volinsky."""
 
     backend: Literal["implicit", "spark", "reference"] = "implicit"
-    matrix: Literal["plays", "tags"] = "plays"
+    # The matrices to factorise, in order: "plays" (users × songs: the CNN's targets) and
+    # "tags" (songs × tags: the tag source task; skipped when the catalog has no tags).
+    matrices: tuple[Literal["plays", "tags"], ...] = ("plays", "tags")
     factors: int = Field(50, ge=1)
     # Factors of the tag WMF (matrix=tags); None: ``factors``. A vocabulary smaller than the
     # factor count is reproduced exactly by the fold-in, which makes the tag task's upper bound
@@ -208,7 +231,7 @@ class TrainConfig(_Section):
 
     model: Literal["paper_cnn", "deep_cnn", "raw_audio"] = "paper_cnn"
     # What the net reads: the stored log-mel spectrograms, or mono waveforms at
-    # spectrograms.sample_rate (``features/waveforms``, written by deepcontent.waveforms) for the
+    # spectrograms.sample_rate (``features/waveforms``, written by the waveforms stage) for the
     # raw-audio front end (thesis ch. 5). ``window_frames`` counts samples for waveforms.
     input: Literal["log_mel", "waveform"] = "log_mel"
     # Regression targets: the item factors of the listening WMF ("plays") or of the tag WMF
@@ -218,8 +241,10 @@ class TrainConfig(_Section):
     # length come from the data and ``window_frames``.
     model_params: dict[str, Any] = Field(default_factory=dict)
     loss: Literal["mse", "wpe"] = "mse"
-    # ~3 s at 22,050 Hz / hop 512 (thesis §4.5.2)
+    # ~3 s at 22,050 Hz / hop 512 (thesis §4.5.2). With ``window_seconds`` set, the window is
+    # derived from it and the spectrogram hop instead (samples for waveform input).
     window_frames: int = Field(130, ge=8)
+    window_seconds: float | None = Field(None, gt=0)
     # Random windows cropped per train clip per epoch (the epoch's length).
     windows_per_clip: int = Field(4, ge=1)
     # Per worker; the global batch is batch_size × num_workers.
@@ -235,7 +260,7 @@ class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
-    # torch intra-op threads per worker (1 per worker on CPU, ARCHITECTURE performance notes).
+    # torch intra-op threads per worker (1 per worker on CPU: see the performance notes of docs/architecture.md).
     threads_per_worker: int = Field(1, ge=1)
     # "auto" = bf16 autocast on GPU, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -257,6 +282,23 @@ class TrainConfig(_Section):
     # "module:function" called on every worker after each epoch's report as
     # fn(epoch=, rank=, attempt=); a hook for fault-injection tests, None in production.
     epoch_hook: str | None = None
+    # Model variants the stage trains besides the production model, by name (see
+    # deepcontent.train.variants: cnn_mse, cnn_wpe, deep_cnn, raw_cnn, cnn_tags). Each is
+    # registered under models/variants/<name>.json and never promoted. The pipeline adds the
+    # variants its evaluation needs.
+    variants: tuple[str, ...] = ()
+    # Set by the stage on a variant's own config: the name it registers under.
+    variant: str | None = None
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from deepcontent.train.variants import VARIANTS
+
+        unknown = [name for name in v if name not in VARIANTS]
+        if unknown:
+            raise ValueError(f"train.variants {unknown} are not model variants; known: {', '.join(VARIANTS)}")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -313,9 +355,20 @@ class NeighborsConfig(_Section):
 class NightlyConfig(_Section):
     """The ``nightly`` job: ingest -> spectrograms -> embed -> neighbors for what changed."""
 
-    # Stages the nightly run covers, in order (a subset of the four above).
-    stages: tuple[Literal["ingest", "spectrograms", "embed", "neighbors"], ...] = (
-        "ingest", "spectrograms", "embed", "neighbors")
+    # Stages the nightly run covers, in order: incremental stages of the registry
+    # (deepcontent.stages.STAGES).
+    stages: tuple[str, ...] = ("ingest", "spectrograms", "embed", "neighbors")
+
+    @field_validator("stages")
+    @classmethod
+    def _incremental(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from deepcontent.stages import STAGES
+
+        allowed = [s.name for s in STAGES.values() if s.incremental]
+        bad = [s for s in v if s not in allowed]
+        if bad:
+            raise ValueError(f"nightly.stages {list(bad)} are not incremental stages; choose from {allowed}")
+        return v
 
 
 class EvaluateConfig(_Section):
@@ -372,6 +425,17 @@ class Config(_Section):
     neighbors: NeighborsConfig = Field(default_factory=NeighborsConfig)
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _window_from_seconds(self) -> "Config":
+        tc = self.train
+        if tc.window_seconds is not None:
+            sc = self.spectrograms
+            frames = (round(tc.window_seconds * sc.sample_rate) if tc.input == "waveform"
+                      else sc.frames(tc.window_seconds))
+            if frames != tc.window_frames:
+                tc.window_frames = frames
+        return self
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none), secrets excluded.

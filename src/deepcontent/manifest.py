@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +22,14 @@ from typing import Any, Iterator
 from deepcontent import __version__
 
 log = logging.getLogger("deepcontent")
+
+# ``scheme://user:password@host``: the password of a URL (a catalog URI, an endpoint).
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]+:)(?P<password>[^\s@/]+)@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with URL passwords replaced by ``***`` (for errors and manifests)."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -88,23 +97,6 @@ class RunManifest:
         uri = storage.uri("runs", self.stage, f"{self.run_id}.json")
         storage.write_json(uri, self.to_dict())
         return uri
-
-
-@dataclass
-class StageResult:
-    """What a stage run returns: its run id, whether it published, counts, quarantine counts
-    per reason, output URIs and the manifest it wrote (None when there was nothing to do)."""
-
-    run_id: str
-    published: bool
-    counts: dict[str, int] = field(default_factory=dict)
-    quarantined: dict[str, int] = field(default_factory=dict)
-    outputs: dict[str, str] = field(default_factory=dict)
-    manifest_uri: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "published": self.published, "counts": self.counts,
-                "quarantined": self.quarantined, "outputs": self.outputs, "manifest": self.manifest_uri}
 
 
 class Progress:

@@ -42,18 +42,12 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from deepcontent.errors import StorageError, UnsafeKeyError  # noqa: E402
+
 if TYPE_CHECKING:
     from deepcontent.config import StorageConfig
 
 POINTER = "_published.json"
-
-
-class StorageError(RuntimeError):
-    """An object-store operation failed; the message names the URI."""
-
-
-class UnsafeKeyError(ValueError):
-    """A key would escape its root (``..``, absolute path, NUL byte, backslash)."""
 
 
 def safe_key(key: str) -> str:
@@ -429,6 +423,21 @@ class Storage:
         if not tables:
             raise StorageError("read_parquet called with no files")
         return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+
+    def read_row_groups(self, uri: str, groups: Iterable[int] | None = None, *,
+                        columns: list[str] | None = None) -> Iterator[tuple[int, pa.Table]]:
+        """``(row group number, rows)`` of a Parquet file, one row group at a time (all of them
+        when ``groups`` is None): a reader holds one group, never the file."""
+        with self.open_input(uri) as f:
+            pf = pq.ParquetFile(f)
+            for g in range(pf.num_row_groups) if groups is None else groups:
+                yield g, pf.read_row_group(g, columns=columns)
+
+    def iter_parquet_batches(self, uri: str, *, columns: list[str] | None = None,
+                             batch_size: int = 16) -> Iterator[pa.RecordBatch]:
+        """A Parquet file's rows in record batches of ``batch_size`` rows (bounded memory)."""
+        with self.open_input(uri) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
     # ----------------------------------------------------------------- publish-by-commit
     def staging_uri(self, dataset_uri: str, run_id: str) -> str:

@@ -6,7 +6,8 @@
 The stage runs on the cluster through its thin entry point ``jobs/<stage>.py``, not in this
 process; this module only builds the submitter's command line from the cluster config and runs it:
 
-* **Spark stages** (ingest, spectrograms, matrices, factorize, nightly) go through ``spark-submit``
+* **Spark stages** (ingest, spectrograms, matrices, factorize, waveforms, nightly: those the stage
+  registry marks ``engine="spark"``) go through ``spark-submit``
   (the script shipped in the installed pyspark package, so no separate Spark install is needed to
   submit). Master, deploy mode (``spark.conf`` key ``spark.submit.deployMode``), driver/executor
   memory, shuffle partitions and every other ``spark.conf`` entry come from the ``spark`` section
@@ -45,11 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepcontent.config import Config, ConfigError, load_config
+from deepcontent.errors import SubmitError
 from deepcontent.manifest import log, setup_logging
+from deepcontent.stages import STAGES as REGISTRY
 
-SPARK_STAGES = ("ingest", "spectrograms", "matrices", "factorize", "nightly")
-RAY_STAGES = ("train", "embed", "neighbors", "evaluate")
-STAGES = SPARK_STAGES + RAY_STAGES
+# How each registered stage reaches a cluster (deepcontent.stages.Stage.engine).
+SPARK_STAGES = tuple(name for name, s in REGISTRY.items() if s.engine == "spark")
+RAY_STAGES = tuple(name for name, s in REGISTRY.items() if s.engine == "ray")
+STAGES = tuple(REGISTRY)
 
 # The port ``ray job submit`` talks to (the dashboard's job API), not the Ray Client port.
 RAY_DASHBOARD_PORT = 8265
@@ -62,15 +66,6 @@ SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # whatever .gitignore lists; these matter for a checkout without a .gitignore).
 RAY_EXCLUDES = [".deepcontent/", "spark-warehouse/", "metastore_db/", "*.egg-info/", "__pycache__/"]
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
-
-
-class SubmitError(Exception):
-    """A submission that cannot be built (bad stage, missing file, a secret in the way); the
-    message names the bad value. ``code`` is the exit status."""
-
-    def __init__(self, message: str, *, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass

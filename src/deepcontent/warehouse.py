@@ -1,8 +1,9 @@
 """Warehouse tables: the data contract as Apache Iceberg schemas, and idempotent commits.
 
-Every canonical table of the data contract (``ARCHITECTURE.md``) has an explicit Iceberg
-schema here, with fixed field ids, required/optional flags and identifier (key) fields, plus
-the matching Arrow schema. :class:`Warehouse` opens the configured catalog (SQLite SQL catalog
+Every warehouse table is declared once, in :data:`deepcontent.datasets.TABLES` (Arrow schema
+and key columns); its Iceberg schema — fixed field ids, required/optional flags, identifier
+(key) fields — is derived here by :func:`iceberg_schema`, and the Arrow schema reads return is
+derived back from that by pyiceberg. :class:`Warehouse` opens the configured catalog (SQLite SQL catalog
 in the embedded default; Postgres, REST or Glue on a cluster) with Iceberg's data files under
 ``<storage.root>/warehouse`` on the same object store the rest of the system uses, and offers
 the few operations stages need:
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -50,13 +52,20 @@ from pyiceberg.io.pyarrow import schema_to_pyarrow  # noqa: E402
 from pyiceberg.schema import Schema  # noqa: E402
 from pyiceberg.types import (  # noqa: E402
     BinaryType,
+    BooleanType,
+    DoubleType,
     FloatType,
     IntegerType,
     ListType,
+    LongType,
     NestedField,
     StringType,
+    TimestampType,
     TimestamptzType,
 )
+
+from deepcontent.datasets import TABLES, Table  # noqa: E402
+from deepcontent.errors import WarehouseError, WarehouseSchemaError  # noqa: E402
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -74,140 +83,48 @@ _COMMIT_ATTEMPTS = 4
 _IN_LIMIT = 200
 
 
-class WarehouseError(RuntimeError):
-    """A warehouse operation failed; the message names the table (secrets redacted)."""
-
-
-class WarehouseSchemaError(WarehouseError, ValueError):
-    """Incoming data does not fit a table's schema; the message names the table and column."""
-
-
 # --------------------------------------------------------------------------- schemas
-def _req(field_id: int, name: str, field_type) -> NestedField:
-    return NestedField(field_id, name, field_type, required=True)
+def _iceberg_type(t: pa.DataType, next_id: list[int]):
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return StringType()
+    if pa.types.is_int32(t):
+        return IntegerType()
+    if pa.types.is_int64(t):
+        return LongType()
+    if pa.types.is_float32(t):
+        return FloatType()
+    if pa.types.is_float64(t):
+        return DoubleType()
+    if pa.types.is_boolean(t):
+        return BooleanType()
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return BinaryType()
+    if pa.types.is_timestamp(t) and t.unit == "us":
+        return TimestamptzType() if t.tz is not None else TimestampType()
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        element_id = next_id[0]
+        next_id[0] += 1
+        return ListType(element_id, _iceberg_type(t.value_type, next_id), element_required=not t.value_field.nullable)
+    raise WarehouseSchemaError(f"no Iceberg type for Arrow type {t}")
 
 
-def _opt(field_id: int, name: str, field_type) -> NestedField:
-    return NestedField(field_id, name, field_type, required=False)
+def iceberg_schema(table: Table) -> Schema:
+    """The Iceberg schema of a catalog table, derived from its Arrow schema: field ids in
+    Iceberg's fresh-id order (top-level fields 1..n, then nested element ids in field order),
+    non-nullable fields ``required``, the key columns as identifier fields."""
+    n = len(table.schema)
+    next_id = [n + 1]
+    fields = [NestedField(i + 1, f.name, _iceberg_type(f.type, next_id), required=not f.nullable)
+              for i, f in enumerate(table.schema)]
+    ids = [table.schema.get_field_index(k) + 1 for k in table.keys]
+    return Schema(*fields, identifier_field_ids=ids)
 
 
-def _float_list(element_id: int) -> ListType:
-    # Factor and embedding vectors: float32 elements, never null inside a vector.
-    return ListType(element_id, FloatType(), element_required=True)
-
-
-# Field ids follow Iceberg's fresh-id order (top-level fields 1..n, then nested element ids),
-# so creating a table keeps them exactly as written here.
-TABLE_SCHEMAS: dict[str, Schema] = {
-    "tracks": Schema(
-        _req(1, "track_id", StringType()),
-        _req(2, "song_id", StringType()),
-        _opt(3, "artist", StringType()),
-        _opt(4, "title", StringType()),
-        _opt(5, "audio_uri", StringType()),
-        identifier_field_ids=[1],
-    ),
-    "plays": Schema(
-        _req(1, "user_id", StringType()),
-        _req(2, "song_id", StringType()),
-        _req(3, "play_count", IntegerType()),
-        identifier_field_ids=[1, 2],
-    ),
-    "tags": Schema(
-        _req(1, "track_id", StringType()),
-        _req(2, "tag", StringType()),
-        _req(3, "weight", IntegerType()),  # 0-100, as Last.fm publishes it
-        identifier_field_ids=[1, 2],
-    ),
-    "quarantine": Schema(
-        _req(1, "stage", StringType()),
-        _req(2, "source", StringType()),  # URI or record locator
-        _req(3, "reason", StringType()),  # enum value, as a string
-        _opt(4, "detail", StringType()),
-        _req(5, "run_id", StringType()),
-        identifier_field_ids=[1, 2, 3, 5],
-    ),
-    "spectrograms": Schema(
-        _req(1, "track_id", StringType()),
-        _req(2, "audio_sha256", StringType()),
-        _req(3, "sample_rate", IntegerType()),
-        _req(4, "hop_length", IntegerType()),
-        _req(5, "n_mels", IntegerType()),
-        _req(6, "n_frames", IntegerType()),
-        _req(7, "mel", BinaryType()),  # float16 bytes, row-major (n_mels, n_frames)
-        _opt(8, "harmonic", BinaryType()),  # same layout, HPSS harmonic part
-        _opt(9, "percussive", BinaryType()),  # same layout, HPSS percussive part
-        identifier_field_ids=[1],
-    ),
-    "user_index": Schema(
-        _req(1, "user_id", StringType()),
-        _req(2, "idx", IntegerType()),
-        identifier_field_ids=[1],
-    ),
-    "item_index": Schema(
-        _req(1, "song_id", StringType()),
-        _req(2, "idx", IntegerType()),
-        identifier_field_ids=[1],
-    ),
-    "tag_index": Schema(
-        _req(1, "tag", StringType()),
-        _req(2, "idx", IntegerType()),
-        identifier_field_ids=[1],
-    ),
-    "splits": Schema(
-        _req(1, "song_id", StringType()),
-        _req(2, "split", StringType()),  # train | valid | test
-        identifier_field_ids=[1],
-    ),
-    "item_factors": Schema(
-        _req(1, "song_id", StringType()),
-        _req(2, "factors", _float_list(4)),
-        _req(3, "run_id", StringType()),  # the factorization run that produced them
-        identifier_field_ids=[1],
-    ),
-    "user_factors": Schema(
-        _req(1, "user_id", StringType()),
-        _req(2, "factors", _float_list(4)),
-        _req(3, "run_id", StringType()),
-        identifier_field_ids=[1],
-    ),
-    "embeddings": Schema(
-        _req(1, "track_id", StringType()),
-        _req(2, "model_version", StringType()),
-        _req(3, "predicted_factors", _float_list(7)),
-        _req(4, "embedding", _float_list(8)),
-        _req(5, "audio_sha256", StringType()),
-        _req(6, "computed_at", TimestamptzType()),  # microseconds, UTC
-        identifier_field_ids=[1, 2],
-    ),
-    "similar_tracks": Schema(
-        _req(1, "track_id", StringType()),
-        _req(2, "neighbor_track_id", StringType()),
-        _req(3, "rank", IntegerType()),  # 1 = nearest
-        _req(4, "score", FloatType()),
-        _req(5, "model_version", StringType()),
-        identifier_field_ids=[1, 5, 3],
-    ),
-}
-
+#: The Iceberg schema of every warehouse table (:data:`deepcontent.datasets.TABLES`).
+TABLE_SCHEMAS: dict[str, Schema] = {name: iceberg_schema(t) for name, t in TABLES.items()}
 #: Key columns per table: at most one row per key after an upsert.
-TABLE_KEYS: dict[str, tuple[str, ...]] = {
-    "tracks": ("track_id",),
-    "plays": ("user_id", "song_id"),
-    "tags": ("track_id", "tag"),
-    "quarantine": ("stage", "source", "reason", "run_id"),
-    "spectrograms": ("track_id",),
-    "user_index": ("user_id",),
-    "item_index": ("song_id",),
-    "tag_index": ("tag",),
-    "splits": ("song_id",),
-    "item_factors": ("song_id",),
-    "user_factors": ("user_id",),
-    "embeddings": ("track_id", "model_version"),
-    "similar_tracks": ("track_id", "model_version", "rank"),
-}
-
-TABLE_NAMES: tuple[str, ...] = tuple(TABLE_SCHEMAS)
+TABLE_KEYS: dict[str, tuple[str, ...]] = {name: t.keys for name, t in TABLES.items()}
+TABLE_NAMES: tuple[str, ...] = tuple(TABLES)
 
 
 def _check_name(name: str) -> None:
@@ -582,6 +499,45 @@ class Warehouse:
             log.info("appended %d rows to %s (run %s)", data.num_rows, name, run_id)
             return True
         raise WarehouseError(f"append to {name!r} (run {run_id}) kept conflicting with concurrent commits")
+
+    def replace(self, name: str, parts, *, run_id: str) -> bool:
+        """Make the table hold exactly the rows of ``parts``, in one commit tagged ``run_id``.
+
+        For tables a stage re-derives whole on every run (canonical plays, the id maps): the
+        parts are written one at a time (a part is a task's output, so the driver never holds
+        the whole table) inside one transaction that first deletes every row. ``parts`` is a
+        sequence of tables or a function returning an iterable of them (called again if the
+        commit must be retried). Idempotent per run id: a run that already committed to the
+        table changes nothing and returns False."""
+        _check_run_id(run_id)
+        make_parts = parts if callable(parts) else (lambda: parts)
+        for _ in range(_COMMIT_ATTEMPTS):
+            tbl = self.table(name)
+            if run_id in _run_ids(tbl):
+                log.info("table %s already has run %s; replace skipped", name, run_id)
+                return False
+            props = {RUN_ID_PROPERTY: run_id}
+            rows = 0
+            try:
+                with tbl.transaction() as tx:
+                    if tbl.current_snapshot() is not None:
+                        with warnings.catch_warnings():  # an empty table: nothing to delete is fine
+                            warnings.filterwarnings("ignore", message="Delete operation did not match any records")
+                            tx.delete(AlwaysTrue(), snapshot_properties=props)
+                    for part in make_parts():
+                        data = conform(name, part)
+                        if data.num_rows:
+                            tx.append(data, snapshot_properties=props)
+                            rows += data.num_rows
+            except CommitFailedException:
+                continue
+            except WarehouseError:
+                raise
+            except Exception as exc:
+                raise self._fail(f"cannot replace warehouse table {name!r} (run {run_id})", exc) from None
+            log.info("replaced %s with %d rows (run %s)", name, rows, run_id)
+            return True
+        raise WarehouseError(f"replace of {name!r} (run {run_id}) kept conflicting with concurrent commits")
 
     def upsert(self, name: str, data: pa.Table, *, run_id: str) -> bool:
         """Insert or replace rows by the table's key (:data:`TABLE_KEYS`) in one commit.

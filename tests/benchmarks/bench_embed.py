@@ -16,8 +16,7 @@ In one run, on the embedded S3 server and an Iceberg SQL catalog in SQLite (both
    both runs below use the same running engines, the way one ``deepcontent nightly`` process
    shares them between its stages. Neither start-up is in any figure except
    ``incremental_cost_ratio_with_startup``.
-3. **Full run** (``seconds_full``): ``deepcontent.nightly.run_nightly`` with the CLI's stage
-   runners (ingest -> spectrograms -> embed -> neighbors) on that deployment. Nothing is up to
+3. **Full run** (``seconds_full``): the ``nightly`` stage (``deepcontent.stages.nightly``) (ingest -> spectrograms -> embed -> neighbors) on that deployment. Nothing is up to
    date, so everything is recomputed: every track ingested, every clip decoded, every clip
    embedded and committed, every neighbour list computed. That is what a user pays for the
    catalog from scratch (a new deployment, or new spectrogram settings).
@@ -73,7 +72,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from deepcontent.cli import COMMAND_STAGES, _Runtime  # noqa: E402
+from deepcontent.stages import StageContext, run_stage  # noqa: E402
 from deepcontent.config import load_config  # noqa: E402
 from deepcontent.engines.s3server import EmbeddedS3Server  # noqa: E402
 from deepcontent.manifest import setup_logging  # noqa: E402
@@ -96,14 +95,14 @@ def make_config(root: str, catalog_db: str, *, songs: int, users: int, clip_seco
 def train_model(cfg, storage: Storage) -> tuple[str, float]:
     """ingest -> spectrograms -> matrices -> factorize -> train on a separate catalog; the model
     version and the seconds that starting Spark (session + a first job) took."""
-    rt = _Runtime(cfg, storage)
+    ctx = StageContext(cfg, storage)
     t0 = time.perf_counter()
-    rt.spark.range(100).count()
+    ctx.spark.range(100).count()
     spark_start_s = time.perf_counter() - t0
     for name in ("ingest", "spectrograms", "matrices", "factorize", "train"):
         log(f"model catalog: {name}")
-        result = COMMAND_STAGES[name](cfg, storage, rt)
-    rt.warehouse.close()  # Spark and Ray stay up for the measured runs
+        result = run_stage(name, cfg, ctx)
+    ctx.warehouse.close()  # Spark and Ray stay up for the measured runs
     return result.model_version, spark_start_s
 
 
@@ -113,7 +112,7 @@ def register_copy(src: Storage, dst: Storage, version: str) -> None:
 
     import torch
 
-    from deepcontent.train.registry import register, registered, version_uri
+    from deepcontent.registry import register, registered, version_uri
 
     artifact = torch.load(io.BytesIO(src.read_bytes(version_uri(src, version, "model.pt"))), weights_only=True)
     meta = {k: v for k, v in registered(src, version).items() if k not in ("model_version", "model_uri")}
@@ -147,18 +146,14 @@ def add_tracks(cfg, storage: Storage, n: int) -> list[str]:
 def read_clips(storage: Storage) -> list[np.ndarray]:
     """Every published spectrogram, read the way an embed actor reads its work items (row group
     by row group through the Storage's S3 client) and turned into arrays with the actors' own
-    :func:`~deepcontent.embed.inference.clip_arrays`."""
-    import pyarrow.parquet as pq
-
-    from deepcontent.embed.inference import CLIP_COLUMNS, clip_arrays
-    from deepcontent.spectrograms import SPECTROGRAMS
+    :func:`~deepcontent.datasets.mel_arrays`."""
+    from deepcontent.datasets import SPECTROGRAMS, mel_arrays
+    from deepcontent.embed.inference import CLIP_COLUMNS
 
     clips: list[np.ndarray] = []
-    for uri in storage.published_files(storage.uri(SPECTROGRAMS)):
-        with storage.open_input(uri) as f:
-            pf = pq.ParquetFile(f)
-            for g in range(pf.num_row_groups):
-                clips += clip_arrays(pf.read_row_group(g, columns=CLIP_COLUMNS))
+    for uri in SPECTROGRAMS.files(storage):
+        for _, rows in storage.read_row_groups(uri, columns=CLIP_COLUMNS):
+            clips += mel_arrays(rows, copy=True)
     return clips
 
 
@@ -197,9 +192,9 @@ def main() -> int:
     import ray
 
     from deepcontent.engines.ray import init_ray
-    from deepcontent.nightly import run_nightly
+    import deepcontent.stages.embed as embed_stage
     from deepcontent.synth.generate import generate
-    from deepcontent.train.registry import load_model
+    from deepcontent.registry import load_model
 
     new_tracks = max(1, round(args.songs * args.new_fraction))
     load_start = os.getloadavg()[0]
@@ -235,30 +230,31 @@ def main() -> int:
             log(f"Spark started in {spark_start_s:.1f}s; model {version} registered in the measured catalog")
             register_copy(train_storage, storage, version)
 
-            rt = _Runtime(cfg, storage)
-            rt.spark.range(100).count()  # the session the model run started, already warm
-            rt.warehouse.ensure_tables()
+            ctx = StageContext(cfg, storage)
+            ctx.spark.range(100).count()  # the session the model run started, already warm
+            ctx.warehouse.ensure_tables()
 
             embed_runs: list[dict] = []
+            embed_run = embed_stage.run
 
-            def runners() -> dict:
-                def embed():
-                    t, server_cpu = time.perf_counter(), server.cpu_seconds()
-                    result = COMMAND_STAGES["embed"](cfg, storage, rt)
-                    embed_runs.append({"seconds": time.perf_counter() - t, "result": result,
-                                       "server_cpu_s": server.cpu_seconds() - server_cpu})
-                    return result
+            def timed_embed(stage_cfg, stage_ctx):  # the nightly's embed, timed with the server's CPU
+                t, server_cpu = time.perf_counter(), server.cpu_seconds()
+                result = embed_run(stage_cfg, stage_ctx)
+                embed_runs.append({"seconds": time.perf_counter() - t, "result": result,
+                                   "server_cpu_s": server.cpu_seconds() - server_cpu})
+                return result
 
-                out = {name: (lambda fn=COMMAND_STAGES[name]: fn(cfg, storage, rt)) for name in cfg.nightly.stages}
-                out["embed"] = embed
-                return out
+            embed_stage.run = timed_embed
+
+            def nightly() -> dict:
+                return run_stage("nightly", cfg, ctx).to_dict()
 
             ec = cfg.embed
             threads = ec.actors * ec.threads_per_actor
             try:
                 log("full run: nightly on the catalog with nothing up to date")
                 t0 = time.perf_counter()
-                full = run_nightly(cfg, storage, runners())
+                full = nightly()
                 full_s = time.perf_counter() - t0
                 tracks = full["stages"]["spectrograms"]["counts"]["computed"]
                 clips = embed_runs[0]["result"].counts["embedded"]
@@ -281,7 +277,7 @@ def main() -> int:
                 ids = add_tracks(cfg, storage, new_tracks)
                 log(f"incremental run: nightly after adding {len(ids)} tracks")
                 t0 = time.perf_counter()
-                incr = run_nightly(cfg, storage, runners())
+                incr = nightly()
                 incr_s = time.perf_counter() - t0
                 assert incr["new"] == new_tracks and incr["changed"] == 0, incr
 
@@ -289,7 +285,8 @@ def main() -> int:
                 fwd.append(forward_seconds(model, artifact, decoded, threads=threads, clips_per_batch=ec.clips_per_batch,
                                            windows_per_forward=ec.windows_per_forward))
             finally:
-                rt.close()
+                embed_stage.run = embed_run
+                ctx.close()
                 ray.shutdown()
 
     forward_s = float(np.mean([w for w, _ in fwd]))

@@ -31,7 +31,7 @@ import pyarrow.csv as pacsv
 from deepcontent.config import SparkConfig, load_config
 from deepcontent.engines.s3server import EmbeddedS3Server
 from deepcontent.engines.spark import spark_session
-from deepcontent.ingest import run_ingest
+from deepcontent.stages import StageContext, run_stage
 from deepcontent.manifest import setup_logging
 from deepcontent.storage import Storage
 from deepcontent.synth.generate import generate
@@ -72,7 +72,7 @@ def main() -> int:
         spark = spark_session(SparkConfig(master="local[*]", conf={"spark.ui.enabled": "false"}))
         spark.range(100).count()  # JVM and Python workers up before the clock starts
         t0 = time.perf_counter()
-        result = run_ingest(cfg, storage, spark)
+        result = run_stage("ingest", cfg, StageContext(cfg, storage, spark=spark))
         spark_s = time.perf_counter() - t0
         spark.stop()
 

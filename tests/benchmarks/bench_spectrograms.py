@@ -41,9 +41,8 @@ from deepcontent.audio.features import compute_log_mel, naive_log_mel  # noqa: E
 from deepcontent.config import SparkConfig, load_config  # noqa: E402
 from deepcontent.engines.s3server import EmbeddedS3Server  # noqa: E402
 from deepcontent.engines.spark import spark_session  # noqa: E402
-from deepcontent.ingest import run_ingest  # noqa: E402
+from deepcontent.stages import StageContext, run_stage  # noqa: E402
 from deepcontent.manifest import setup_logging  # noqa: E402
-from deepcontent.spectrograms import mel_settings, run_spectrograms  # noqa: E402
 from deepcontent.storage import Storage  # noqa: E402
 from deepcontent.synth.generate import generate  # noqa: E402
 
@@ -79,12 +78,12 @@ def main() -> int:
         spark = spark_session(SparkConfig(master=f"local[{cores}]", conf={"spark.ui.enabled": "false"}))
         if not storage.published(storage.uri("canonical/tracks")):
             generate(cfg, storage)
-            run_ingest(cfg, storage, spark)
+            run_stage("ingest", cfg, StageContext(cfg, storage, spark=spark))
         for name in ("features/spectrograms", "features/audio_index", "quarantine/spectrograms"):
             storage.delete_prefix(storage.uri(name))
         spark.range(100).count()
         t0 = time.perf_counter()
-        result = run_spectrograms(cfg, storage, spark)
+        result = run_stage("spectrograms", cfg, StageContext(cfg, storage, spark=spark))
         spark_s = time.perf_counter() - t0
         spark.stop()
         clips = result.counts["computed"]
@@ -92,7 +91,7 @@ def main() -> int:
 
         files = sorted((work / "s3" / "bench" / cfg.storage.raw_prefix / cfg.sources.audio).rglob("*.mp3"))
         datas = [f.read_bytes() for f in files]
-        settings = mel_settings(cfg.spectrograms)
+        settings = cfg.spectrograms.mel_settings()
         compute_log_mel(datas[0], settings=settings)  # warm caches, as a long-lived worker would be
         naive_log_mel(datas[0], settings=settings)
         t0 = time.perf_counter()

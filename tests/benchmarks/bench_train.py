@@ -9,7 +9,7 @@ In one run it:
 1. starts the embedded S3 server and publishes synthetic inputs in the stage's contracts:
    ``--clips`` log-mel clips of ``--seconds`` (float16, 128 bands) in Parquet shards, tracks,
    and item / user factors (80% train, 20% valid songs);
-2. runs :func:`deepcontent.train.stage.run_train` with the paper CNN on ``--workers`` CPU
+2. runs :func:`deepcontent.stages.train.run` with the paper CNN on ``--workers`` CPU
    workers (one torch thread each, DDP over gloo), ``--batch-size`` per worker, a fixed
    ``--epochs`` (no early stop). ``ray_samples_per_s`` = train windows processed / the
    workers' wall time from entering the train function to the last epoch's report: it
@@ -48,9 +48,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from deepcontent.config import load_config  # noqa: E402
-from deepcontent.factorize.stage import factors_dataset, factors_table  # noqa: E402
-from deepcontent.ingest import TRACKS, TRACKS_SCHEMA  # noqa: E402
-from deepcontent.spectrograms import SPECTROGRAM_SCHEMA, SPECTROGRAMS  # noqa: E402
+from deepcontent import datasets  # noqa: E402
+from deepcontent.datasets import SPECTROGRAM_SCHEMA, TRACKS_SCHEMA, factors_table  # noqa: E402
 from deepcontent.storage import Storage, join  # noqa: E402
 
 
@@ -65,17 +64,17 @@ def publish_inputs(storage: Storage, *, clips: int, frames: int, factors: int, s
     song_ids = [f"SOBENCH{i:011d}" for i in range(clips)]
     run = "bench-inputs"
 
-    def put(name: str, tables: list[pa.Table]) -> None:
+    def put(dataset: datasets.Dataset, tables: list[pa.Table]) -> None:
         files = []
         for k, t in enumerate(tables):
-            f = join(storage.staging_uri(storage.uri(name), run), f"part-{k:05d}.parquet")
+            f = join(dataset.staging(storage, run), f"part-{k:05d}.parquet")
             storage.write_parquet(t, f, compression="none")
             files.append(f)
-        storage.publish(storage.uri(name), run_id=run, files=files, meta={"settings_key": "bench"})
+        storage.publish(dataset.uri(storage), run_id=run, files=files, meta={"settings_key": "bench"})
 
     tracks = pa.table({"track_id": track_ids, "song_id": song_ids, "artist": ["bench"] * clips,
                        "title": ["bench"] * clips, "audio_uri": [None] * clips}, schema=TRACKS_SCHEMA)
-    put(TRACKS, [tracks])
+    put(datasets.TRACKS, [tracks])
     shards, per = [], 32
     for s in range(0, clips, per):
         rows = []
@@ -86,11 +85,11 @@ def publish_inputs(storage: Storage, *, clips: int, frames: int, factors: int, s
                          "n_mels": 128, "n_frames": frames, "mel": mel.tobytes(), "harmonic": None, "percussive": None,
                          "settings_key": "bench"})
         shards.append(pa.Table.from_pylist(rows, schema=SPECTROGRAM_SCHEMA))
-    put(SPECTROGRAMS, shards)
+    put(datasets.SPECTROGRAMS, shards)
     split = ["train" if i % 5 else "valid" for i in range(clips)]
-    put(factors_dataset("plays", "item_factors"),
+    put(datasets.factors("plays", "item_factors"),
         [factors_table(song_ids, rng.standard_normal((clips, factors)), id_column="song_id", run_id=run, split=split)])
-    put(factors_dataset("plays", "user_factors"),
+    put(datasets.factors("plays", "user_factors"),
         [factors_table(["u0"], rng.standard_normal((1, factors)), id_column="user_id", run_id=run)])
 
 
@@ -206,8 +205,8 @@ def main() -> None:
     import ray
 
     from deepcontent.engines.s3server import EmbeddedS3Server
-    from deepcontent.train.registry import registered
-    from deepcontent.train.stage import run_train
+    from deepcontent.registry import registered
+    from deepcontent.stages import StageContext, run_stage
 
     frames = 1 + int(args.seconds * 22050) // 512
     with tempfile.TemporaryDirectory(prefix="bench-train-", dir="/tmp") as tmp:
@@ -232,7 +231,7 @@ def main() -> None:
                                       factors=args.factors, frames=cfg.train.window_frames, seed=args.seed)
             log(f"Ray Train: {args.workers} workers × {args.threads} thread, batch {args.batch_size}/worker")
             t0 = time.perf_counter()
-            result = run_train(cfg, storage)
+            result = run_stage("train", cfg, StageContext(cfg, storage))
             wall = time.perf_counter() - t0
             assert not ray.is_initialized()
             curve = registered(storage, result.model_version)["curve"]

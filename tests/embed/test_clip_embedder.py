@@ -8,9 +8,9 @@ import torch
 
 from deepcontent.embed.inference import STAGED_SCHEMA, ClipEmbedder, pair_keys, work_items
 from deepcontent.embed.pooling import clip_outputs
-from deepcontent.models.registry import build_model
-from deepcontent.spectrograms import SPECTROGRAM_SCHEMA
-from deepcontent.train.registry import ARTIFACT_FORMAT, load_model, register
+from deepcontent.models.factory import build_model
+from deepcontent.datasets import SPECTROGRAM_SCHEMA
+from deepcontent.registry import ARTIFACT_FORMAT, load_model, register
 
 N_MELS, WINDOW, F = 16, 60, 3
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from deepcontent.embed.neighbors import top_k_cosine
+from deepcontent.embed.similarity import top_k_cosine
 
 
 def _brute(x, k):

@@ -8,7 +8,7 @@ import torch
 from deepcontent.embed.inference import work_items
 from deepcontent.embed.pooling import clip_outputs
 from deepcontent.models.augment import consecutive_windows
-from deepcontent.models.registry import build_model
+from deepcontent.models.factory import build_model
 
 
 @pytest.fixture(scope="module")

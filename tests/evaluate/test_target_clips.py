@@ -6,7 +6,8 @@ import io
 import numpy as np
 import soundfile as sf
 
-from deepcontent.evaluate.stage import _clip_mels, _gtzan
+from deepcontent.stages.evaluate import gtzan_clips as _gtzan
+from deepcontent.stages.evaluate import target_clip_mels as _clip_mels
 from support import config_for
 
 

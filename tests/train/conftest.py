@@ -61,10 +61,7 @@ CATALOG = {
 def catalog(s3_server, spark, tmp_path_factory):
     """``(cfg, storage)`` of a fresh bucket holding a generated catalog run through ingest,
     spectrograms, matrices and factorize."""
-    from deepcontent.factorize.stage import run_factorize
-    from deepcontent.ingest import run_ingest
-    from deepcontent.matrices import run_matrices
-    from deepcontent.spectrograms import run_spectrograms
+    from support import run_stage
     from deepcontent.synth.generate import generate
 
     storage = Storage(f"s3://t-{uuid.uuid4().hex[:12]}/root", endpoint_url=s3_server.endpoint_url,
@@ -72,8 +69,8 @@ def catalog(s3_server, spark, tmp_path_factory):
     storage.ensure_root()
     cfg = config_for(storage, tmp_path_factory.mktemp("train"), **CATALOG)
     generate(cfg, storage)
-    run_ingest(cfg, storage, spark)
-    run_spectrograms(cfg, storage, spark)
-    run_matrices(cfg, storage, spark)
-    run_factorize(cfg, storage)
+    run_stage("ingest", cfg, storage, spark)
+    run_stage("spectrograms", cfg, storage, spark)
+    run_stage("matrices", cfg, storage, spark)
+    run_stage("factorize", cfg, storage)
     return cfg, storage

@@ -11,11 +11,12 @@ import torch
 from deepcontent.config import TrainConfig, load_config
 from deepcontent.models import PaperCNN, consecutive_windows
 from deepcontent.train.backend import resolve_backend
-from deepcontent.train.data import ClipBank, list_matrix, standardize
-from deepcontent.train.ingest import attach_targets
+from deepcontent.datasets import vectors as list_matrix
+from deepcontent.train.data import ClipBank, standardize
+from deepcontent.train.clip_data import attach_targets
 from deepcontent.train.loop import model_kwargs, predict_clips
-from deepcontent.train.registry import model_version
-from deepcontent.train.stage import steps_per_epoch
+from deepcontent.registry import model_version
+from deepcontent.stages.train import steps_per_epoch
 
 
 def _rows(lengths, *, n_mels=4, f=3, seed=0):

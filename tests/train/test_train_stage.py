@@ -16,10 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from deepcontent.train.data import build_targets, list_matrix
+from deepcontent.datasets import vectors as list_matrix
+from deepcontent.registry import PRODUCTION, load_model, registered
+from deepcontent.stages.train import load_training_data as build_targets
 from deepcontent.train.loop import predict_clips
-from deepcontent.train.registry import PRODUCTION, load_model, registered
-from deepcontent.train.stage import run_train
+from support import run_stage
+
+
+def run_train(cfg, storage):
+    return run_stage("train", cfg, storage)
 
 
 def _train_cfg(cfg, **train):

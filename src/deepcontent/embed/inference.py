@@ -26,8 +26,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from deepcontent.datasets import mel_arrays
 from deepcontent.storage import Storage, join
 
 __all__ = ["CLIP_COLUMNS", "STAGED_SCHEMA", "ClipEmbedder", "pair_keys", "read_todo_clips", "work_items", "write_staged"]
@@ -50,20 +50,10 @@ def read_todo_clips(batch: pa.Table, *, storage: Storage, todo_keys: pa.Array) -
     the rows whose (track_id, audio_sha256) is in ``todo_keys`` (:func:`pair_keys`), one row
     group at a time."""
     for uri, groups in zip(batch["uri"].to_pylist(), batch["row_groups"].to_pylist()):
-        with storage.open_input(uri) as f:
-            pf = pq.ParquetFile(f)
-            for g in groups:
-                t = pf.read_row_group(g, columns=CLIP_COLUMNS)
-                t = t.filter(pc.is_in(pair_keys(t["track_id"], t["audio_sha256"]), value_set=todo_keys))
-                if t.num_rows:
-                    yield t
-
-
-def clip_arrays(batch: pa.Table) -> list[np.ndarray]:
-    """Spectrogram rows -> one float16 ``(n_mels, n_frames)`` array per clip, each a writable
-    copy (torch wants one); float16 until the device."""
-    return [np.array(np.frombuffer(m, dtype=np.float16).reshape(nm, nf))
-            for m, nm, nf in zip(batch["mel"].to_pylist(), batch["n_mels"].to_pylist(), batch["n_frames"].to_pylist())]
+        for _, t in storage.read_row_groups(uri, groups, columns=CLIP_COLUMNS):
+            t = t.filter(pc.is_in(pair_keys(t["track_id"], t["audio_sha256"]), value_set=todo_keys))
+            if t.num_rows:
+                yield t
 
 
 def work_items(pending: pa.Table, *, clips_per_item: int) -> list[dict]:
@@ -113,7 +103,7 @@ class ClipEmbedder:
                  windows_per_forward: int = 256) -> None:
         import torch
 
-        from deepcontent.train.registry import load_model
+        from deepcontent.registry import load_model
 
         torch.set_num_threads(threads)
         if precision == "bf16" and not use_gpu:
@@ -134,7 +124,7 @@ class ClipEmbedder:
         """Spectrogram rows (:data:`CLIP_COLUMNS`) -> :data:`STAGED_SCHEMA` rows."""
         from deepcontent.embed.pooling import clip_outputs
 
-        clips = clip_arrays(batch)
+        clips = mel_arrays(batch, copy=True)  # writable (torch wants it), float16 until the device
         pred, emb = clip_outputs(self.model, clips, n_frames=self.n_frames, target_mean=self.mean, target_std=self.std,
                                  windows_per_forward=self.windows_per_forward, device=self.device, autocast=self.autocast)
         ok = np.isfinite(pred).all(axis=1) & np.isfinite(emb).all(axis=1)

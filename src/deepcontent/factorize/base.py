@@ -13,12 +13,13 @@ from typing import ClassVar
 import numpy as np
 import scipy.sparse as sp
 
+from deepcontent.errors import DeepcontentError
 from deepcontent.interactions.weighting import canonical_csr, check_counts
 
 __all__ = ["FactorizationError", "Factorizer", "check_factors"]
 
 
-class FactorizationError(RuntimeError):
+class FactorizationError(DeepcontentError, RuntimeError):
     """A backend produced unusable factors (NaN/inf, or the wrong shape)."""
 
 

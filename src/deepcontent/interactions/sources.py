@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from deepcontent.datasets import REJECTED_SCHEMA
+
 INT32_MAX = 2**31 - 1
 
 
@@ -45,21 +47,18 @@ class Reason(str, Enum):
     MALFORMED_JSON = "malformed_json"  # a Last.fm file that is not the expected JSON
 
 
-QUARANTINE_FIELDS = [("source", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
-QUARANTINE_SCHEMA = pa.schema(QUARANTINE_FIELDS)
-
 
 def quarantine_rows(sources: list[str], reason: Reason | str, details: list[str]) -> pa.Table:
     r = reason.value if isinstance(reason, Reason) else reason
     return pa.table(
         {"source": pa.array(sources, pa.string()), "reason": pa.array([r] * len(sources), pa.string()),
          "detail": pa.array(details, pa.string())},
-        schema=QUARANTINE_SCHEMA,
+        schema=REJECTED_SCHEMA,
     )
 
 
 def empty_quarantine() -> pa.Table:
-    return QUARANTINE_SCHEMA.empty_table()
+    return REJECTED_SCHEMA.empty_table()
 
 
 def _line_starts(data: bytes) -> np.ndarray:

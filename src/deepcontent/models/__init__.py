@@ -11,7 +11,7 @@ from deepcontent.models.base import EmbeddingRegressor
 from deepcontent.models.deep_cnn import DeepCNN
 from deepcontent.models.paper_cnn import PaperCNN
 from deepcontent.models.raw_audio import RawAudioCNN, StridedFrontEnd
-from deepcontent.models.registry import MODELS, build_model
+from deepcontent.models.factory import MODELS, build_model
 
 __all__ = [
     "MODELS",

@@ -3,7 +3,7 @@
 The CNN trains on random ~3 s windows cut from 30 s clips, and a clip's prediction is the mean
 over consecutive windows (thesis §4.5.2). Every function here takes numpy arrays or torch
 tensors and returns the same kind (torch results stay on the input's device, so crops can be
-cut from spectrograms resident in GPU memory, as ARCHITECTURE.md recommends).
+cut from spectrograms resident in GPU memory, as docs/architecture.md recommends).
 
 Log-mels are ``log(1 + C·S)`` of mel power ``S``; zero is silence (``S = 0``), which is what
 windows are padded with.

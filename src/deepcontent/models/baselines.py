@@ -10,7 +10,9 @@ Everything takes the stored log-mels (``log(1 + C·S)`` of mel power ``S``, shap
 * :class:`SphericalKMeansFeatures` — PCA-whitened 4-frame windows, spherical K-means
   dictionary, dot-product encoding, max-pool over ~2 s then mean (ISMIR 2014 §3.3: 2,048 means);
 * :func:`fit_linear` / :func:`fit_mlp` — ridge regression and a 1,000-ReLU MLP from clip
-  features to latent factors, each returning an object with ``predict(features) -> (n, f)``.
+  features to latent factors, each returning an object with ``predict(features) -> (n, f)``;
+* :func:`select_linear` / :func:`select_bow_linear` — the ridge penalty (and the BoW vocabulary
+  size) chosen on a validation split, as the CNN's epoch is chosen by early stopping.
 
 All are deterministic for a given ``seed`` (and, for the MLP, thread count).
 """
@@ -38,8 +40,13 @@ __all__ = [
     "fit_linear",
     "fit_mlp",
     "mfcc_frames",
+    "select_bow_linear",
+    "select_linear",
     "spherical_kmeans",
 ]
+
+#: Ridge penalties tried when one is chosen on a validation split.
+L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 def _check_int(name: str, value: object, minimum: int = 1) -> int:
@@ -683,3 +690,80 @@ def fit_mlp(
                 loss.backward()
                 opt.step()
     return MLPRegressor(net, mu, sd)
+
+
+def _nmse(pred: np.ndarray, target: np.ndarray) -> float:
+    """``mean((pred − target)²) / mean_j var(target[:, j])`` (1 = predicting the mean)."""
+    return float(np.mean((pred - target) ** 2) / np.asarray(target, np.float64).var(axis=0).mean())
+
+
+def select_linear(x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray, *,
+                  l2_grid: Sequence[float] = L2_GRID) -> tuple[LinearRegressor, float, float]:
+    """The ridge regressor whose penalty of ``l2_grid`` scores the lowest NMSE on the valid split.
+
+    Returns
+    -------
+    model : LinearRegressor
+        Fitted on the train split with the chosen penalty.
+    valid_nmse : float
+    l2 : float
+    """
+    scores = {float(l2): _nmse(fit_linear(x_train, y_train, l2=float(l2)).predict(x_valid), y_valid) for l2 in l2_grid}
+    best = min(scores, key=scores.get)
+    return fit_linear(x_train, y_train, l2=best), scores[best], best
+
+
+@dataclass
+class BowSelection:
+    """The BoW-MFCC + ridge baseline chosen on the valid split (:func:`select_bow_linear`)."""
+
+    bow: "BagOfWords"
+    model: LinearRegressor
+    words: int
+    l2: float
+    valid_nmse: float
+    x_train: np.ndarray
+    x_valid: np.ndarray
+    grid: dict[str, float]
+
+
+def select_bow_linear(train_clips: Sequence[np.ndarray], y_train: np.ndarray, valid_clips: Sequence[np.ndarray],
+                      y_valid: np.ndarray, *, words_grid: Sequence[int], l2_grid: Sequence[float] = L2_GRID,
+                      compression: float, seed: int = 0) -> BowSelection:
+    """BoW-MFCC + ridge with the vocabulary size and penalty that score best on the valid split.
+
+    Every vocabulary size of ``words_grid`` (capped at a quarter of the train frames: the
+    thesis' 4,000 words need far more frames than a small catalog has) × every penalty of
+    ``l2_grid`` is fitted on the train clips and scored on the valid clips.
+
+    Parameters
+    ----------
+    train_clips, valid_clips : sequence of np.ndarray [shape=(n_mels, n_frames_i)]
+        Stored log-mels.
+    y_train, y_valid : np.ndarray [shape=(n, f)]
+        Targets (standardised factors).
+    words_grid : sequence of int >= 2
+    l2_grid : sequence of float >= 0
+    compression : float
+        The log-mels' ``C`` (to undo ``log(1 + C x)`` for the MFCCs).
+    seed : int
+
+    Returns
+    -------
+    BowSelection
+        The fitted vocabulary and regressor, the chosen sizes, the valid NMSE, the features of
+        both splits and the valid NMSE of every ``"<words>/<l2>"`` pair.
+    """
+    max_words = max(2, sum(m.shape[1] for m in train_clips) // 4)
+    best, grid = None, {}
+    for words in sorted({min(int(w), max_words) for w in words_grid}):
+        bow = BagOfWords(words, compression=compression, seed=seed).fit(train_clips)
+        x_train, x_valid = bow.transform(train_clips), bow.transform(valid_clips)
+        for l2 in l2_grid:
+            score = _nmse(fit_linear(x_train, y_train, l2=float(l2)).predict(x_valid), y_valid)
+            grid[f"{words}/{float(l2):g}"] = score
+            if best is None or score < best[0]:
+                best = (score, words, float(l2), bow, x_train, x_valid)
+    score, words, l2, bow, x_train, x_valid = best
+    return BowSelection(bow=bow, model=fit_linear(x_train, y_train, l2=l2), words=words, l2=l2, valid_nmse=score,
+                        x_train=x_train, x_valid=x_valid, grid=grid)

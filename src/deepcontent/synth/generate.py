@@ -43,7 +43,6 @@ from deepcontent.synth.world import (
     Songs,
     make_songs,
     make_users,
-    msd_ids,
     n_communities,
     iter_plays,
     tags_for_song,

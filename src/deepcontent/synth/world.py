@@ -59,7 +59,7 @@ def msd_ids(prefix: str, n: int, rng: np.random.Generator) -> np.ndarray:
     while len(out) < n:
         need = n - len(out)
         codes = _ID_CHARS[rng.integers(0, len(_ID_CHARS), size=(need, 16))]
-        raw = codes.view(f"S16").ravel()
+        raw = codes.view("S16").ravel()
         fresh = np.char.add(prefix.encode(), raw).astype(str).astype(object)
         out = np.unique(np.concatenate([out, fresh])) if len(out) else np.unique(fresh)
     return rng.permutation(out[:n])

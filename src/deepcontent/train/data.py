@@ -1,20 +1,20 @@
-"""Training data: targets on the driver, Ray Data ingest, and resident clip banks on the workers.
+"""Training data: targets from the published inputs, and resident clip banks on the workers.
 
-Driver side (:func:`build_targets`)
-    ``canonical/tracks`` (track_id -> song_id) joined with ``factors/plays/item_factors``:
-    train songs give the regression targets, valid songs the validation targets; test songs
-    and songs without factors are left out here, so their audio never reaches a worker.
-    Targets are standardised per factor with the mean / std of the *train* targets (stored
-    with the model to undo it). The result is two small Arrow tables keyed by track_id.
+Targets (:func:`training_targets`, pure: Arrow in, Arrow out)
+    tracks (track_id -> song_id) joined with the item factors of one WMF: train songs give the
+    regression targets, valid songs the validation targets; test songs and songs without
+    factors are left out here, so their audio never reaches a worker. Targets are standardised
+    per factor with the mean / std of the *train* targets (stored with the model to undo it).
+    The train stage reads the inputs (:func:`deepcontent.stages.train.load_training_data`).
 
-Ray Data (:mod:`deepcontent.train.ingest`)
+Ray Data (:mod:`deepcontent.train.clip_data`)
     Streams the spectrogram shards with these targets attached to the workers.
 
 Worker side (:class:`ClipBank`)
     Each worker pulls its shard *once* into a resident bank of whole-clip log-mels (float16,
-    on the training device) and cuts random windows there every step (ARCHITECTURE.md,
-    performance notes): a 3 s window is 33 KB, so shipping windows would make training
-    input-bound; shipping clips once costs one pass over the shard.
+    on the training device) and cuts random windows there every step (see
+    ``docs/architecture.md``, performance notes): a 3 s window is 33 KB, so shipping windows
+    would make training input-bound; shipping clips once costs one pass over the shard.
 """
 
 from __future__ import annotations
@@ -27,40 +27,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from deepcontent.factorize.stage import factors_dataset, factors_matrix
-from deepcontent.ingest import TRACKS
-from deepcontent.matrices import EXPORTS, ITEM_INDEX
-from deepcontent.spectrograms import SPECTROGRAMS
-from deepcontent.storage import Storage
+from deepcontent.datasets import mel_arrays, vector_column, vectors
+from deepcontent.errors import TrainingDataError
 
 __all__ = [
     "ClipBank",
     "TrainingData",
     "TrainingDataError",
-    "build_targets",
-    "list_matrix",
     "standardize",
+    "training_targets",
 ]
-
-
-class TrainingDataError(ValueError):
-    """The inputs cannot make a training set; the message names what is missing and where."""
-
-
-def list_matrix(col: pa.ChunkedArray | pa.Array, *, width: int | None = None) -> np.ndarray:
-    """A ``list<float32>`` column of equal-length lists -> ``(n, width)`` float32."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    n = len(arr)
-    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    if n == 0:
-        return flat.reshape(0, width or 0)
-    return flat.reshape(n, -1)
-
-
-def _list_column(m: np.ndarray) -> pa.ListArray:
-    m = np.ascontiguousarray(m, dtype=np.float32)
-    offsets = pa.array(np.arange(0, m.size + 1, m.shape[1], dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(m.reshape(-1), pa.float32()))
 
 
 def standardize(
@@ -92,19 +68,19 @@ class TrainingData:
     ----------
     train, valid : pa.Table
         ``(track_id, song_id, item_idx int32, target list<float32>)``, one row per track with a
-        spectrogram; ``target`` is standardised; ``item_idx`` is the song's column in the
-        matrices exports (-1 when the item index is not published).
+        clip; ``target`` is standardised; ``item_idx`` is the song's column in the matrices
+        exports (-1 when the item index is not published).
     target_mean, target_std : np.ndarray [shape=(f,)]
         Raw factors = ``target * std + mean``.
     valid_variance : float
         ``mean_j var(valid target[:, j])``: the NMSE denominator (predicting the valid mean
         scores exactly 1).
     spectrogram_files : list of str
-        URIs of the published spectrogram shards.
+        URIs of the published clip shards.
     inputs : dict
         Run ids of every input (the data snapshot the model version is derived from).
     settings_key, n_mels : str, int
-        The spectrograms' settings and band count (one value across the catalog).
+        The clips' settings and band count (one value across the catalog).
     """
 
     train: pa.Table
@@ -123,78 +99,60 @@ class TrainingData:
         return int(self.target_mean.shape[0])
 
 
-def _pointer_run(storage: Storage, name: str, *, needed_by: str) -> dict:
-    pointer = storage.published(storage.uri(name))
-    if pointer is None:
-        raise TrainingDataError(f"{needed_by} needs {storage.uri(name)}, which has never been published; "
-                                f"run the stage that writes it first")
-    return pointer
-
-
-def build_targets(storage: Storage, *, features: str = SPECTROGRAMS, matrix: str = "plays") -> TrainingData:
-    """Join tracks, clip features and item factors into train / valid targets.
+def training_targets(*, tracks: pa.Table, clips: pa.Table, item_factors: pa.Table, item_index: pa.Table | None,
+                     where: str = "the clip dataset") -> dict:
+    """Train / valid targets from the published inputs (pure).
 
     Parameters
     ----------
-    storage : Storage
-    features : str
-        The clip dataset: ``features/spectrograms`` (log-mels, the default) or
-        ``features/waveforms`` (:mod:`deepcontent.waveforms`, same schema with one channel).
-    matrix : str
-        Whose item factors are the targets: ``"plays"`` (listening WMF) or ``"tags"`` (tag WMF).
+    tracks : pa.Table
+        ``(track_id, song_id)``.
+    clips : pa.Table
+        ``(track_id, n_mels)`` of every stored clip.
+    item_factors : pa.Table
+        ``(song_id, factors, split)`` of one WMF (train and valid songs).
+    item_index : pa.Table or None
+        ``(song_id, idx)``: the songs' columns in the play matrix (None: ``item_idx`` = -1).
+    where : str
+        Names the clip dataset in error messages.
+
+    Returns
+    -------
+    dict
+        ``train``, ``valid`` (tables as in :class:`TrainingData`), ``target_mean``,
+        ``target_std``, ``valid_variance``, ``n_mels``, ``counts``.
 
     Raises
     ------
     TrainingDataError
-        If an input was never published, if no train or no valid track has both clip
-        features and factors, or if the clips disagree on ``n_mels``.
+        If no train or no valid track has both a clip and factors, if the clips disagree on
+        ``n_mels``, or if the valid targets have no variance.
     """
-    if matrix not in ("plays", "tags"):
-        raise ValueError(f"matrix must be 'plays' or 'tags', got {matrix!r}")
-    items_name = factors_dataset(matrix, "item_factors")
-    users_name = factors_dataset(matrix, "user_factors" if matrix == "plays" else "tag_factors")
-    pointers = {name: _pointer_run(storage, name, needed_by="train")
-                for name in (TRACKS, features, items_name, users_name)}
-    inputs = {name: p["run_id"] for name, p in pointers.items()}
-    index_pointer = storage.published(storage.uri(ITEM_INDEX))
-    if index_pointer is not None:
-        inputs[ITEM_INDEX] = index_pointer["run_id"]
-    exports_pointer = storage.published(storage.uri(EXPORTS))  # the play matrix WPE reads
-    if exports_pointer is not None:
-        inputs[EXPORTS] = exports_pointer["run_id"]
-
-    tracks = storage.read_dataset(storage.uri(TRACKS), columns=["track_id", "song_id"])
-    spec_files = storage.published_files(storage.uri(features))
-    spec = (storage.read_parquet(spec_files, columns=["track_id", "n_mels"]) if spec_files
-            else pa.table({"track_id": pa.array([], pa.string()), "n_mels": pa.array([], pa.int32())}))
-    mels = set(spec["n_mels"].to_pylist())
+    mels = set(clips["n_mels"].to_pylist())
     if len(mels) > 1:
-        raise TrainingDataError(f"clips at {storage.uri(features)} mix n_mels values {sorted(mels)}; "
-                                f"recompute them with one setting")
-    items = storage.read_dataset(storage.uri(items_name))
-    if index_pointer is not None:
-        index = storage.read_dataset(storage.uri(ITEM_INDEX))
-        pos = pc.index_in(items["song_id"], value_set=index["song_id"])
-        item_idx = pc.take(index["idx"], pos).cast(pa.int32()).fill_null(-1)
+        raise TrainingDataError(f"clips at {where} mix n_mels values {sorted(mels)}; recompute them with one setting")
+    if item_index is not None:
+        pos = pc.index_in(item_factors["song_id"], value_set=item_index["song_id"])
+        item_idx = pc.take(item_index["idx"], pos).cast(pa.int32()).fill_null(-1)
     else:
-        item_idx = pa.array(np.full(items.num_rows, -1, np.int32))
+        item_idx = pa.array(np.full(item_factors.num_rows, -1, np.int32))
 
-    # track -> song -> (factors, split): only tracks that also have a spectrogram
-    with_spec = tracks.filter(pc.is_in(tracks["track_id"], value_set=spec["track_id"]))
-    pos = pc.index_in(with_spec["song_id"], value_set=items["song_id"])
+    # track -> song -> (factors, split): only tracks that also have a clip
+    with_clip = tracks.filter(pc.is_in(tracks["track_id"], value_set=clips["track_id"]))
+    pos = pc.index_in(with_clip["song_id"], value_set=item_factors["song_id"])
     keep = pc.is_valid(pos)
-    with_spec, pos = with_spec.filter(keep), pos.filter(keep)
-    split = pc.take(items["split"], pos)
-    factors = factors_matrix(items.take(pos))
+    with_clip, pos = with_clip.filter(keep), pos.filter(keep)
+    split = pc.take(item_factors["split"], pos)
+    factors = vectors(item_factors.take(pos)["factors"])
     idx = pc.take(item_idx, pos)
 
     is_train = np.asarray(pc.equal(split, "train").to_numpy(zero_copy_only=False), dtype=bool)
     is_valid = np.asarray(pc.equal(split, "valid").to_numpy(zero_copy_only=False), dtype=bool)
     if not is_train.any() or not is_valid.any():
         raise TrainingDataError(
-            f"need train and valid tracks with both a spectrogram and item factors; found {int(is_train.sum())} train "
-            f"and {int(is_valid.sum())} valid ({spec.num_rows} clips at {storage.uri(features)}, "
-            f"{items.num_rows} songs with factors at {storage.uri(items_name)})")
+            f"need train and valid tracks with both a clip and item factors; found {int(is_train.sum())} train "
+            f"and {int(is_valid.sum())} valid ({clips.num_rows} clips at {where}, "
+            f"{item_factors.num_rows} songs with factors)")
     z_train, mean, std = standardize(factors[is_train])
     z_valid, _, _ = standardize(factors[is_valid], mean=mean, std=std)
     valid_variance = float(z_valid.astype(np.float64).var(axis=0).mean())
@@ -203,18 +161,18 @@ def build_targets(storage: Storage, *, features: str = SPECTROGRAMS, matrix: str
 
     def table(mask: np.ndarray, z: np.ndarray) -> pa.Table:
         rows = pa.array(np.flatnonzero(mask))
-        return pa.table({"track_id": pc.take(with_spec["track_id"], rows), "song_id": pc.take(with_spec["song_id"], rows),
-                         "item_idx": pc.take(idx, rows), "target": _list_column(z)})
+        return pa.table({"track_id": pc.take(with_clip["track_id"], rows), "song_id": pc.take(with_clip["song_id"], rows),
+                         "item_idx": pc.take(idx, rows), "target": vector_column(z)})
 
     train, valid = table(is_train, z_train), table(is_valid, z_valid)
-    return TrainingData(
-        train=train, valid=valid, target_mean=mean, target_std=std, valid_variance=valid_variance,
-        spectrogram_files=spec_files, inputs=inputs, settings_key=pointers[features].get("settings_key"),
-        n_mels=int(next(iter(mels))) if mels else 0,
-        counts={"train_tracks": train.num_rows, "valid_tracks": valid.num_rows,
-                "train_songs": len(set(train["song_id"].to_pylist())), "valid_songs": len(set(valid["song_id"].to_pylist())),
-                "spectrograms": spec.num_rows, "factors": factors.shape[1]},
-    )
+    return {
+        "train": train, "valid": valid, "target_mean": mean, "target_std": std, "valid_variance": valid_variance,
+        "n_mels": int(next(iter(mels))) if mels else 0,
+        "counts": {"train_tracks": train.num_rows, "valid_tracks": valid.num_rows,
+                   "train_songs": len(set(train["song_id"].to_pylist())),
+                   "valid_songs": len(set(valid["song_id"].to_pylist())),
+                   "spectrograms": clips.num_rows, "factors": factors.shape[1]},
+    }
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -264,19 +222,15 @@ class ClipBank:
             if isinstance(batch, dict):
                 batch = pa.table(batch)
             tid = batch["track_id"].to_pylist()
-            nm = batch["n_mels"].to_pylist()
-            nf = batch["n_frames"].to_pylist()
-            blobs = batch["mel"].to_pylist()
-            t = list_matrix(batch["target"])
+            t = vectors(batch["target"])
             if len(tid) and t.shape[1] != n_factors:
                 raise ValueError(f"track {tid[0]!r}: target has {t.shape[1]} factors, expected {n_factors}")
-            for track, m, f, blob in zip(tid, nm, nf, blobs):
+            for track, m in zip(tid, batch["n_mels"].to_pylist()):
                 if m != n_mels:
                     raise ValueError(f"track {track!r}: spectrogram has n_mels={m}, expected {n_mels}")
-                mel = np.frombuffer(blob, dtype=np.float16)
-                if mel.size != m * f:
-                    raise ValueError(f"track {track!r}: mel blob holds {mel.size} values, expected n_mels × n_frames = {m * f}")
-                mel = mel.reshape(m, f).T  # (n_frames, n_mels)
+            for mel in mel_arrays(batch):  # sizes checked there, naming the track
+                mel = mel.T  # (n_frames, n_mels)
+                f, m = mel.shape
                 if f < min_frames:
                     mel = np.concatenate([mel, np.zeros((min_frames - f, m), np.float16)], axis=0)
                 chunks.append(mel)

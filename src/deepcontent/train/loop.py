@@ -163,7 +163,7 @@ def _load_state(checkpoint) -> dict | None:
 
 # ----------------------------------------------------------------------------- the loop
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker entry point; ``config`` is built by :func:`deepcontent.train.stage.run_train`.
+    """Ray Train worker entry point; ``config`` is built by :func:`deepcontent.stages.train.train_model`.
 
     Keys: ``train`` (TrainConfig as a dict), ``backend`` (:class:`~deepcontent.train.backend.Backend`),
     ``n_factors``, ``n_mels``, ``steps_per_epoch``, ``valid_variance``, ``target_mean`` /

@@ -12,17 +12,27 @@ per task, sends it one clip at a time over a pipe and waits with a deadline:
 
 The IPC cost is one pickle of the input bytes and one of the result per clip (~1 ms for a 30 s
 clip), small next to decoding it.
+
+:class:`ClipDecoder` is what the stages use: it fetches clips from object storage (the next one
+while the child decodes this one), turns a missing, unreadable or oversized object into a
+:class:`Failure` without reading it, and warms the decoder up in the parent before the child is
+forked. The spectrogram job, the waveform job and the evaluation's target sets all decode
+through it.
 """
 
 from __future__ import annotations
 
 import importlib
+import io
 import multiprocessing as mp
-import os
 import signal
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+if TYPE_CHECKING:
+    from deepcontent.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -146,3 +156,83 @@ class IsolatedWorker:
 
 def format_exception(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+_WARM: set[str] = set()
+
+
+def warm_up(fn_path: str, settings) -> None:
+    """Run ``fn_path`` once in this (long-lived, reused) worker on a short generated clip, so
+    lazy imports and cached filterbanks are loaded *before* the isolated child is forked and
+    every child starts warm (otherwise each task pays ~3 s of first-call set-up)."""
+    if fn_path in _WARM:
+        return
+    import numpy as np
+    import soundfile as sf
+
+    noise = np.random.default_rng(0).standard_normal(settings.sample_rate).astype(np.float32) * 0.1
+    buf = io.BytesIO()
+    sf.write(buf, noise, settings.sample_rate, format="WAV", subtype="PCM_16")
+    resolve(fn_path)(buf.getvalue(), settings=settings)
+    _WARM.add(fn_path)
+
+
+class ClipDecoder:
+    """Fetch clips from storage and decode each in an :class:`IsolatedWorker`.
+
+    >>> with ClipDecoder(storage, "deepcontent.audio.features:compute_log_mel", settings=s,
+    ...                  timeout_s=60, memory_limit_mb=4096, max_bytes=256 << 20) as dec:
+    ...     for i, data, failure in dec.fetch([(uri, size), ...]):
+    ...         result = failure or dec.decode(data)      # a result dict or a Failure
+
+    Parameters
+    ----------
+    storage : Storage
+    fn_path : str
+        ``"module:function"`` called as ``fn(data, settings=settings)`` in the child.
+    settings : MelSettings
+    timeout_s, memory_limit_mb : float, int
+        Deadline per clip and the child's address-space limit.
+    max_bytes : int
+        Larger objects become ``Failure("too_long")`` without being read (memory bound).
+    """
+
+    def __init__(self, storage: "Storage", fn_path: str, *, settings, timeout_s: float, memory_limit_mb: int | None,
+                 max_bytes: int) -> None:
+        self.storage, self.settings, self.max_bytes = storage, settings, max_bytes
+        warm_up(fn_path, settings)
+        self._worker = IsolatedWorker(fn_path, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb)
+        self._io = ThreadPoolExecutor(max_workers=1)
+
+    def _read(self, uri: str, size: int | None) -> tuple[bytes | None, Failure | None]:
+        if size is not None and size > self.max_bytes:  # never load an absurd object
+            return None, Failure("too_long", f"object is {size:,} bytes, above the limit of {self.max_bytes:,} "
+                                             f"(spectrograms.max_audio_bytes)")
+        try:
+            return self.storage.read_bytes(uri), None
+        except Exception as exc:  # missing object, permissions, network: recorded, not fatal
+            return None, Failure("unreadable", f"{type(exc).__name__}: {exc}"[:500])
+
+    def fetch(self, items: Sequence[tuple[str, int | None]]) -> Iterator[tuple[int, bytes | None, Failure | None]]:
+        """``(index, bytes or None, Failure or None)`` per ``(uri, size)``, in order; the next
+        object is read while the caller decodes this one, so storage latency stays hidden."""
+        pending = [self._io.submit(self._read, *items[0])] if items else []
+        for i in range(len(items)):
+            data, failure = pending.pop(0).result()
+            if i + 1 < len(items):
+                pending.append(self._io.submit(self._read, *items[i + 1]))
+            yield i, data, failure
+
+    def decode(self, data: bytes) -> Any:
+        """The function's result for ``data``, or a :class:`Failure`."""
+        return self._worker.call(data, settings=self.settings)
+
+    def close(self) -> None:
+        self._worker.close()
+        self._io.shutdown(wait=True)
+
+    def __enter__(self) -> "ClipDecoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

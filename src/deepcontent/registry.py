@@ -5,8 +5,10 @@ Layout under the storage root::
     models/<model_version>/model.pt     torch.save of the model artifact (below)
     models/<model_version>/model.json   metrics, training curve, inputs, code version;
                                         written after model.pt: its presence = registered
-    models/production.json              pointer to the latest registered version
-    models/_history/<ms>-<version>.json every pointer ever written, oldest first
+    models/production.json              pointer to the latest promoted version
+    models/variants/<name>.json         pointer to the latest version of a named variant
+                                        (cnn_wpe, raw_cnn, ...: the evaluation's models)
+    models/_history/<ms>-<version>.json every production pointer ever written, oldest first
 
 A ``model_version`` is ``<model name>-<16 hex>``, a hash of the training config (minus purely
 operational settings), the data snapshot (the run ids of every input dataset) and the code
@@ -32,18 +34,20 @@ from typing import Any
 import torch
 
 from deepcontent.config import Config
+from deepcontent.errors import InputMissingError
 from deepcontent.storage import Storage, join, safe_key
 
-__all__ = ["PRODUCTION", "load_model", "model_version", "register", "registered", "version_uri"]
+__all__ = ["PRODUCTION", "load_model", "model_version", "production_version", "register", "registered",
+           "variant_pointer", "version_uri"]
 
-MODELS = "models"
-PRODUCTION = f"{MODELS}/production.json"
+REGISTRY = "models"
+PRODUCTION = f"{REGISTRY}/production.json"
 ARTIFACT_FORMAT = 1
 
 #: Train settings that change how a run executes but not which model it learns.
 OPERATIONAL = frozenset({"max_failures", "checkpoints_to_keep", "epoch_hook", "prefetch_batches", "cpus_per_worker",
                          "eval_batch_size", "baseline", "baseline_words", "ingest_cpus",
-                         "ingest_concurrency"})
+                         "ingest_concurrency", "variants", "variant"})
 
 
 def model_version(cfg: Config, *, inputs: dict[str, str], code: str) -> str:
@@ -58,7 +62,7 @@ def model_version(cfg: Config, *, inputs: dict[str, str], code: str) -> str:
 
 def version_uri(storage: Storage, version: str, name: str = "") -> str:
     """URI of ``models/<version>/`` or of a file in it."""
-    return storage.uri(MODELS, safe_key(version), name) if name else storage.uri(MODELS, safe_key(version))
+    return storage.uri(REGISTRY, safe_key(version), name) if name else storage.uri(REGISTRY, safe_key(version))
 
 
 def registered(storage: Storage, version: str) -> dict | None:
@@ -67,26 +71,57 @@ def registered(storage: Storage, version: str) -> dict | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def register(storage: Storage, *, version: str, artifact: dict[str, Any], metadata: dict[str, Any],
-             promote: bool = True) -> dict:
-    """Write ``model.pt``, then ``model.json``, then (``promote``) point ``models/production.json`` at it.
+def _pointer(storage: Storage, version: str, metadata: dict[str, Any]) -> dict:
+    return {"model_version": version, "model_uri": version_uri(storage, version, "model.pt"),
+            "metadata_uri": version_uri(storage, version, "model.json"),
+            "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "valid_nmse": metadata.get("metrics", {}).get("valid_nmse"), "inputs": metadata.get("inputs", {})}
 
-    Returns the version's pointer (the new production pointer when promoted). A crash between
-    the writes leaves at most an unregistered ``model.pt`` that the next run overwrites.
-    Evaluation variants (another loss, another architecture) register without promotion."""
+
+def register(storage: Storage, *, version: str, artifact: dict[str, Any], metadata: dict[str, Any],
+             promote: bool = True, variant: str | None = None) -> dict:
+    """Write ``model.pt``, then ``model.json``, then (``promote``) point ``models/production.json``
+    at it and (``variant``) ``models/variants/<variant>.json``.
+
+    Returns the version's pointer. A crash between the writes leaves at most an unregistered
+    ``model.pt`` that the next run overwrites. Evaluation variants (another loss, another
+    architecture) register without promotion, under their variant name."""
     buf = io.BytesIO()
     torch.save(artifact, buf)
-    model_uri = version_uri(storage, version, "model.pt")
-    storage.write_bytes(model_uri, buf.getvalue())
-    meta_uri = version_uri(storage, version, "model.json")
-    storage.write_json(meta_uri, {**metadata, "model_version": version, "model_uri": model_uri})
-    pointer = {"model_version": version, "model_uri": model_uri, "metadata_uri": meta_uri,
-               "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "valid_nmse": metadata.get("metrics", {}).get("valid_nmse")}
+    storage.write_bytes(version_uri(storage, version, "model.pt"), buf.getvalue())
+    storage.write_json(version_uri(storage, version, "model.json"),
+                       {**metadata, "model_version": version, "model_uri": version_uri(storage, version, "model.pt")})
+    pointer = _pointer(storage, version, metadata)
     if promote:
-        storage.write_json(join(storage.uri(MODELS), "_history", f"{int(time.time() * 1000):015d}-{safe_key(version)}.json"), pointer)
+        storage.write_json(join(storage.uri(REGISTRY), "_history", f"{int(time.time() * 1000):015d}-{safe_key(version)}.json"), pointer)
         storage.write_json(storage.uri(PRODUCTION), pointer)
+    if variant is not None:
+        point_variant(storage, variant, version=version)
     return pointer
+
+
+def point_variant(storage: Storage, variant: str, *, version: str) -> dict:
+    """Point ``models/variants/<variant>.json`` at the registered ``version``."""
+    metadata = registered(storage, version)
+    if metadata is None:
+        raise InputMissingError(f"model version {version!r} is not registered; cannot name it variant {variant!r}")
+    pointer = {**_pointer(storage, version, metadata), "variant": variant}
+    storage.write_json(storage.uri(REGISTRY, "variants", f"{safe_key(variant)}.json"), pointer)
+    return pointer
+
+
+def variant_pointer(storage: Storage, variant: str) -> dict | None:
+    """The pointer of a named variant (``model_version``, ``inputs``, ...), or None."""
+    uri = storage.uri(REGISTRY, "variants", f"{safe_key(variant)}.json")
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def production_version(storage: Storage) -> str:
+    """The production model version (``models/production.json``)."""
+    uri = storage.uri(PRODUCTION)
+    if not storage.exists(uri):
+        raise InputMissingError(f"no model in production: {uri} does not exist; run `deepcontent train` first")
+    return storage.read_json(uri)["model_version"]
 
 
 def load_model(storage: Storage, version: str | None = None, *, map_location: str | torch.device = "cpu"):
@@ -100,12 +135,9 @@ def load_model(storage: Storage, version: str | None = None, *, map_location: st
     from deepcontent.train.loop import build_regressor
 
     if version is None:
-        uri = storage.uri(PRODUCTION)
-        if not storage.exists(uri):
-            raise FileNotFoundError(f"no model in production: {uri} does not exist; run `deepcontent train` first")
-        version = storage.read_json(uri)["model_version"]
+        version = production_version(storage)
     if registered(storage, version) is None:
-        raise FileNotFoundError(f"model version {version!r} is not registered under {version_uri(storage, version)}")
+        raise InputMissingError(f"model version {version!r} is not registered under {version_uri(storage, version)}")
     artifact = torch.load(io.BytesIO(storage.read_bytes(version_uri(storage, version, "model.pt"))),
                           map_location=map_location, weights_only=True)
     if artifact.get("format") != ARTIFACT_FORMAT:

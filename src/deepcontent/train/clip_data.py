@@ -18,7 +18,6 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from deepcontent.storage import Storage
 
@@ -45,11 +44,10 @@ def read_clip_shards(batch: pa.Table, *, storage: Storage, targets: pa.Table, ro
     (:func:`attach_targets`), so a task never holds more than one shard's read buffer plus a
     few clips."""
     for uri in batch["uri"].to_pylist():
-        with storage.open_input(uri) as f:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=rows_per_batch, columns=SPECTROGRAM_COLUMNS):
-                out = attach_targets(pa.Table.from_batches([rb]), targets=targets)
-                if out.num_rows:
-                    yield out
+        for rb in storage.iter_parquet_batches(uri, columns=SPECTROGRAM_COLUMNS, batch_size=rows_per_batch):
+            out = attach_targets(pa.Table.from_batches([rb]), targets=targets)
+            if out.num_rows:
+                yield out
 
 
 def clip_datasets(storage: Storage, *, files: list[str], train: pa.Table, valid: pa.Table, num_cpus: float = 0.0,

@@ -1,0 +1,195 @@
+"""Stage ``embed`` (Ray Data): spectrograms + a registered model -> the ``embeddings`` table.
+
+1. The model is ``embed.model_version`` or the production one (``models/production.json``);
+   only spectrograms computed with the settings the model was trained on are used.
+2. **Incremental.** The (track, audio hash) pairs of the published spectrograms are compared
+   with the ``embeddings`` rows of this model version: only new tracks and tracks whose audio
+   changed are embedded, so a re-run with nothing new reads no clip and commits nothing.
+3. Ray Data hands work items (a shard and some of its row groups) to a pool of
+   :class:`~deepcontent.embed.inference.ClipEmbedder` actors (model loaded once each; a GPU each
+   with ``embed.use_gpu``). An actor reads its clips from object storage, computes a clip-level
+   ``predicted_factors`` (WMF units) and ``embedding`` (penultimate layer), both averaged over
+   consecutive ~3 s windows, and stages them as Parquet under
+   ``<root>/embeddings/staging/<run_id>/``. A nightly run with a handful of new clips (at most
+   ``embed.in_process_max_clips``) does the same in the driver process: starting actors would
+   cost more than the inference.
+4. **One commit per run.** The driver upserts every staged vector into the Iceberg
+   ``embeddings`` table (key: track_id, model_version) in a single catalog commit; the table's
+   data files are Parquet in the same object store (``warehouse.location``). Until that commit
+   readers see the previous version; a run killed before it leaves only staged files, which the
+   next run ignores and sweeps. Clips whose outputs are not finite go to
+   ``quarantine/embed`` (reason ``non_finite``) instead of the table; above
+   ``embed.max_quarantine_fraction`` the run fails and commits nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from deepcontent import datasets
+from deepcontent.config import Config
+from deepcontent.datasets import EMBED_STAGING, SPECTROGRAMS
+from deepcontent.embed.inference import STAGED_SCHEMA, ClipEmbedder, pair_keys, work_items
+from deepcontent.manifest import log
+from deepcontent.registry import production_version
+from deepcontent.stages.base import QuarantineCheck, StageContext, StageResult, StageRun
+from deepcontent.storage import Storage, join, safe_key
+
+__all__ = ["STAGE", "run", "spectrogram_pairs"]
+
+STAGE = "embed"
+QUARANTINE = datasets.quarantine(STAGE)
+
+
+def spectrogram_pairs(storage: Storage, *, settings_key: str) -> pa.Table:
+    """``(track_id, audio_sha256, uri, row_group)`` of every published spectrogram computed with
+    ``settings_key`` (reads two small columns per row group, never the mels)."""
+    SPECTROGRAMS.require(storage, needed_by="embed")
+    parts = []
+    for uri in SPECTROGRAMS.files(storage):
+        for g, t in storage.read_row_groups(uri, columns=["track_id", "audio_sha256", "settings_key"]):
+            t = t.filter(pc.equal(t["settings_key"], settings_key)).select(["track_id", "audio_sha256"])
+            parts.append(t.append_column("uri", pa.array([uri] * t.num_rows, pa.string()))
+                         .append_column("row_group", pa.array([g] * t.num_rows, pa.int32())))
+    schema = pa.schema([("track_id", pa.string()), ("audio_sha256", pa.string()), ("uri", pa.string()),
+                        ("row_group", pa.int32())])
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+def _embedder_kwargs(cfg: Config, storage: Storage, *, version: str, todo_keys: pa.Array, staging: str) -> dict:
+    ec = cfg.embed
+    return {"storage": storage, "model_version": version, "todo_keys": todo_keys, "staging_uri": staging,
+            "use_gpu": ec.use_gpu, "threads": ec.threads_per_actor, "precision": ec.precision,
+            "clips_per_forward_batch": ec.clips_per_batch, "windows_per_forward": ec.windows_per_forward}
+
+
+def _embed_on_ray(cfg: Config, storage: Storage, *, items: list[dict], embedder: dict) -> list[dict]:
+    """Ray Data: work items -> a pool of :class:`ClipEmbedder` actors; returns one
+    ``{"file", "rows", "ok"}`` per staged file."""
+    import ray.data
+
+    ec = cfg.embed
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(ClipEmbedder, batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=max(1, min(ec.actors, len(items)))),
+                        num_gpus=1 if ec.use_gpu else 0, num_cpus=ec.cpus_per_actor, fn_constructor_kwargs=embedder)
+    return ds.take_all()
+
+
+def _embed_in_process(items: list[dict], *, embedder: dict) -> list[dict]:
+    """The same work without Ray, for a handful of clips (``embed.in_process_max_clips``):
+    starting actors would cost more than the inference."""
+    worker = ClipEmbedder(**embedder)
+    return worker(pa.Table.from_pylist(items)).to_pylist()
+
+
+def _call_hook(path: str | None, **kwargs) -> None:
+    if path:
+        from deepcontent.engines.sandbox import resolve
+
+        resolve(path)(**kwargs)
+
+
+def run(cfg: Config, ctx: StageContext) -> StageResult:
+    """Run the stage; see the module docstring. Ray is joined or started through ``ctx`` when
+    there are more clips than ``embed.in_process_max_clips``."""
+    from pyiceberg.expressions import EqualTo
+
+    from deepcontent.registry import load_model
+
+    storage, warehouse, ec = ctx.storage, ctx.warehouse, cfg.embed
+    version = ec.model_version or production_version(storage)
+    _, artifact = load_model(storage, version)
+    if artifact.get("input", "log_mel") != "log_mel" or artifact.get("targets", "plays") != "plays":
+        raise ValueError(f"embed: model {version} reads {artifact.get('input')} and predicts {artifact.get('targets')} "
+                         f"factors; the embeddings table needs a log-mel model of the listening factors "
+                         f"(set embed.model_version to one)")
+    settings_key = artifact["spectrograms"]["settings_key"]
+    with StageRun(STAGE, cfg, storage) as run:
+        outputs = {"table": ".".join(warehouse.identifier("embeddings")), "quarantine": run.uri(QUARANTINE)}
+        warehouse.ensure_tables(["embeddings"])
+
+        with run.timed("plan"):
+            pairs = spectrogram_pairs(storage, settings_key=settings_key)
+            stored = warehouse.read("embeddings", EqualTo("model_version", version), columns=["track_id", "audio_sha256"])
+            stored = stored.cast(pa.schema([("track_id", pa.string()), ("audio_sha256", pa.string())]))
+            stored_keys = pair_keys(stored["track_id"], stored["audio_sha256"]) if stored.num_rows else pa.array([], pa.string())
+            pending = pairs.filter(pc.invert(pc.is_in(pair_keys(pairs["track_id"], pairs["audio_sha256"]),
+                                                      value_set=stored_keys)))
+            is_changed = pc.is_in(pending["track_id"], value_set=stored["track_id"])
+            n_changed = int(pc.sum(is_changed).as_py() or 0)
+        counts = {"spectrograms": pairs.num_rows, "to_embed": pending.num_rows, "new": pending.num_rows - n_changed,
+                  "changed": n_changed}
+        run.manifest.inputs = {"model_version": version, "settings_key": settings_key,
+                               "spectrograms": SPECTROGRAMS.run_id(storage)}
+        if pending.num_rows == 0:
+            log.info("embed: all %d spectrograms already embedded with %s; nothing to do", pairs.num_rows, version)
+            return run.unchanged(outputs=outputs, counts={**counts, "embedded": 0}, model_version=version,
+                                 seconds=dict(run.manifest.timings_s))
+
+        shards = sorted(set(pending["uri"].to_pylist()))
+        items = work_items(pending, clips_per_item=ec.clips_per_batch)
+        staging = join(storage.uri(EMBED_STAGING), safe_key(run.run_id))
+        in_process = pending.num_rows <= ec.in_process_max_clips
+        log.info("embed: run %s — %d clips to embed with %s (%d new, %d changed audio) from %d shards, %s",
+                 run.run_id, pending.num_rows, version, counts["new"], n_changed, len(shards),
+                 "in this process" if in_process else f"{ec.actors} Ray actors" + (" on GPUs" if ec.use_gpu else ""))
+        embedder = _embedder_kwargs(cfg, storage, version=version, staging=staging,
+                                    todo_keys=pair_keys(pending["track_id"], pending["audio_sha256"]))
+        if not in_process:
+            ctx.ensure_ray()
+        with run.timed("inference"):
+            staged = (_embed_in_process(items, embedder=embedder) if in_process
+                      else _embed_on_ray(cfg, storage, items=items, embedder=embedder))
+        _call_hook(ec.before_commit_hook, run_id=run.run_id, staged=[s["file"] for s in staged])
+
+        with run.timed("commit"):
+            files = [s["file"] for s in staged]
+            out = storage.read_parquet(files) if files else STAGED_SCHEMA.empty_table()
+            # A shard re-read by a retried task can repeat a clip: keep one row per pair.
+            out = _one_per_pair(out)
+            status = Counter(out["status"].to_pylist())
+            bad = out.filter(pc.not_equal(out["status"], "ok"))
+            good = out.filter(pc.equal(out["status"], "ok"))
+            missing = max(pending.num_rows - out.num_rows, 0)
+            run.reject(pa.table({
+                "source": bad["track_id"], "reason": bad["status"],
+                "detail": pa.array([f"model {version}: non-finite output for audio {s}" for s in bad["audio_sha256"].to_pylist()],
+                                   pa.string())}))
+            rejected = {k: v for k, v in status.items() if k != "ok"}
+            if missing:
+                rejected["missing"] = missing
+            run.check_quarantine([QuarantineCheck(rejected, pending.num_rows, unit="clips", label=f"model {version}")],
+                                 limit=ec.max_quarantine_fraction)
+            computed_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+            rows = pa.table({
+                "track_id": good["track_id"], "model_version": pa.array([version] * good.num_rows, pa.string()),
+                "predicted_factors": good["predicted_factors"], "embedding": good["embedding"],
+                "audio_sha256": good["audio_sha256"],
+                "computed_at": pa.array([computed_at] * good.num_rows, pa.timestamp("us", tz="UTC")),
+            })
+            committed = warehouse.upsert("embeddings", rows, run_id=run.run_id)
+            run.publish_quarantine()
+        # Staged files are only inputs of the commit: this run's, and any left by killed runs.
+        storage.delete_prefix(storage.uri(EMBED_STAGING))
+
+        log.info("embed: committed %d embeddings (%d new, %d changed) to %s in one commit; quarantined %d",
+                 good.num_rows, counts["new"], n_changed, outputs["table"], bad.num_rows)
+        return run.succeed(counts={**counts, "embedded": good.num_rows, "quarantined": bad.num_rows},
+                           quarantined={k: v for k, v in status.items() if k != "ok"}, outputs=outputs,
+                           published=committed, model_version=version, seconds=dict(run.manifest.timings_s))
+
+
+def _one_per_pair(t: pa.Table) -> pa.Table:
+    if t.num_rows == 0:
+        return t
+    keys = pair_keys(t["track_id"], t["audio_sha256"]).to_pylist()
+    first = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    return t.take(pa.array(sorted(first.values()), pa.int64())) if len(first) < t.num_rows else t

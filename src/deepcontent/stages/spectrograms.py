@@ -1,0 +1,271 @@
+"""Stage ``spectrograms`` (Spark): audio clips -> log-mel shards, incremental, with quarantine.
+
+For every track of ``canonical/tracks`` that has audio, a Spark task fetches the clip from object
+storage, and an isolated decoder process (:mod:`deepcontent.engines.sandbox`) turns it into a
+float16 log-mel spectrogram with :func:`deepcontent.audio.features.compute_log_mel` (mono,
+22,050 Hz, window 1024, hop 512, 128 mel bands, log(1 + 10,000·x)). Each task writes one Parquet
+shard; the driver publishes once.
+
+Datasets (under the storage root):
+
+``features/spectrograms``
+    The contract table, one row per track: track_id, audio_sha256, sample_rate, hop_length,
+    n_mels, n_frames, mel (float16 bytes, n_mels × n_frames, C order), harmonic and percussive
+    (same, or null), plus the settings key it was computed with.
+``features/audio_index``
+    The stage's memory, one row per track it has seen: the audio object's URI, size and
+    modification time, its SHA-256, the settings key, and the outcome (``ok`` or a quarantine
+    reason). A track is processed again only when one of those changed, so a re-run with
+    nothing new publishes nothing and adding 10 tracks processes exactly those 10. An object
+    whose metadata changed but whose content hash did not is not decoded again.
+``quarantine/spectrograms``
+    One row per track whose current audio failed (``empty``, ``undecodable``, ``silent``,
+    ``too_long``, ``too_short``, ``timeout``, ``crashed``, ``unreadable``): stage, source (the
+    audio URI), reason, detail, run_id.
+
+When a track's audio changes, the shard holding its old spectrogram is rewritten without it
+(copy on write), so readers of the published version always see one row per track. If more
+than ``spectrograms.max_quarantine_fraction`` of the clips processed in a run fail, the run
+publishes the quarantine (and nothing else) and raises, naming the count and the location.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from deepcontent import datasets
+from deepcontent.config import Config
+from deepcontent.datasets import AUDIO_INDEX, SHARD_ROW_GROUP, SPECTROGRAMS, TRACKS, Dataset
+from deepcontent.manifest import log
+from deepcontent.stages.base import QuarantineCheck, StageContext, StageResult, StageRun
+from deepcontent.storage import Storage, join
+
+__all__ = ["STAGE", "decode_task", "run", "spectrogram_row"]
+
+STAGE = "spectrograms"
+QUARANTINE = datasets.quarantine(STAGE)
+_TASK_DDL = ("track_id string, audio_uri string, audio_size long, audio_modified string, audio_sha256 string, "
+             "settings_key string, status string, detail string, shard string, run_id string")
+
+
+def spectrogram_row(track_id: str, result: dict, settings_key: str) -> dict:
+    """One contract row from :func:`compute_log_mel`'s (or :func:`compute_waveform`'s) result."""
+    def blob(a):
+        return None if a is None else np.ascontiguousarray(a, dtype=np.float16).tobytes()
+
+    return {
+        "track_id": track_id, "audio_sha256": result["audio_sha256"], "sample_rate": int(result["sample_rate"]),
+        "hop_length": int(result["hop_length"]), "n_mels": int(result["n_mels"]), "n_frames": int(result["n_frames"]),
+        "mel": blob(result["mel"]), "harmonic": blob(result.get("harmonic")), "percussive": blob(result.get("percussive")),
+        "settings_key": settings_key,
+    }
+
+
+# ----------------------------------------------------------------------------- Spark task
+def decode_task(storage: Storage, *, dataset: Dataset, compute_fn: str, settings, settings_key: str, sc_cfg,
+                run_id: str, inputs_bc):
+    """mapInArrow body over task numbers: fetch and decode each task's clips in an isolated
+    child (:class:`~deepcontent.engines.sandbox.ClipDecoder`), write one shard of ``dataset``
+    per task, return one audio-index row per clip.
+
+    ``inputs_bc`` is a broadcast of ``{"groups": [[(track_id, uri, size, modified)], ...],
+    "known": {track_id: sha256}}``: a clip whose content hash is in ``known`` is not decoded
+    again (status ``unchanged``)."""
+
+    def run(batches):
+        from deepcontent.engines.sandbox import ClipDecoder, Failure
+        from deepcontent.engines.spark import set_task_threads
+
+        set_task_threads()
+        known = inputs_bc.value["known"]  # track_id -> sha256 of its current good output
+        groups = inputs_bc.value["groups"]  # task number -> [(track_id, uri, size, modified)]
+        with ClipDecoder(storage, compute_fn, settings=settings, timeout_s=sc_cfg.decode_timeout_s,
+                         memory_limit_mb=sc_cfg.decoder_memory_mb, max_bytes=sc_cfg.max_audio_bytes) as decoder:
+            for task in (t for batch in batches for t in batch.column("id").to_pylist()):
+                items = groups[task]
+                rows, index = [], []
+                for k, data, failure in decoder.fetch([(uri, size) for _, uri, size, _ in items]):
+                    track_id, uri, size, modified = items[k]
+                    entry = {"track_id": track_id, "audio_uri": uri, "audio_size": size, "audio_modified": modified,
+                             "audio_sha256": None, "settings_key": settings_key, "status": "ok", "detail": None,
+                             "shard": None, "run_id": run_id}
+                    index.append(entry)
+                    if failure is not None:
+                        entry.update(status=failure.reason, detail=failure.detail)
+                        continue
+                    if track_id in known:  # metadata changed; content may not have
+                        entry["audio_sha256"] = hashlib.sha256(data).hexdigest()
+                        if known[track_id] == entry["audio_sha256"]:
+                            entry.update(status="unchanged")
+                            continue
+                    result = decoder.decode(data)
+                    if isinstance(result, Failure):
+                        entry.update(status=result.reason, detail=result.detail[:500],
+                                     audio_sha256=entry["audio_sha256"] or hashlib.sha256(data).hexdigest())
+                    else:
+                        entry["audio_sha256"] = result["audio_sha256"]
+                        rows.append(spectrogram_row(track_id, result, settings_key))
+                if rows:
+                    shard = join(dataset.staging(storage, run_id), f"part-{task:05d}.parquet")
+                    storage.write_parquet(pa.Table.from_pylist(rows, schema=dataset.schema), shard, compression="none",
+                                          row_group_size=SHARD_ROW_GROUP)
+                    for e in index:
+                        if e["status"] == "ok":
+                            e["shard"] = shard
+                yield pa.RecordBatch.from_pylist(index, schema=AUDIO_INDEX.schema)
+
+    return run
+
+
+def decode_on_spark(spark, storage: Storage, *, dataset: Dataset, compute_fn: str, settings, settings_key: str,
+                    sc_cfg, run_id: str, todo: list[tuple], known: dict[str, str]) -> pa.Table:
+    """Run :func:`decode_task` over ``todo`` ``(track_id, uri, size, modified)`` in groups of
+    ``spectrograms.clips_per_task``; returns the audio-index rows of every clip."""
+    per = sc_cfg.clips_per_task
+    groups = [todo[i : i + per] for i in range(0, len(todo), per)]
+    # The tasks' inputs travel as one broadcast and Spark only ships task numbers
+    # (spark.range is generated in the JVM): no Python stage to turn rows into a DataFrame.
+    bc = spark.sparkContext.broadcast({"known": known, "groups": groups})
+    try:
+        df = spark.range(0, len(groups), numPartitions=len(groups))
+        task = decode_task(storage, dataset=dataset, compute_fn=compute_fn, settings=settings,
+                           settings_key=settings_key, sc_cfg=sc_cfg, run_id=run_id, inputs_bc=bc)
+        return df.mapInArrow(task, _TASK_DDL).toArrow().cast(AUDIO_INDEX.schema)
+    finally:
+        bc.unpersist()
+
+
+# ----------------------------------------------------------------------------- driver
+def _audio_versions(storage: Storage, uris: list[str], prefix: str) -> dict[str, tuple[int, str | None]]:
+    """uri -> (size, modified) from one listing of the audio prefix (stat for strays)."""
+    listed = {o.uri: (o.size, o.modified) for o in storage.list(prefix)}
+    out = {}
+    for uri in uris:
+        if uri in listed:
+            out[uri] = listed[uri]
+        else:
+            try:
+                out[uri] = (storage.size(uri), None)
+            except Exception:
+                out[uri] = (-1, None)  # missing: the task will record it as unreadable
+    return out
+
+
+def run(cfg: Config, ctx: StageContext) -> StageResult:
+    """Run the stage; see the module docstring."""
+    storage = ctx.storage
+    sc_cfg = cfg.spectrograms
+    settings = sc_cfg.mel_settings()
+    settings_key = settings.key()
+    with StageRun(STAGE, cfg, storage) as run:
+        outputs = {d.key: run.uri(d) for d in (SPECTROGRAMS, AUDIO_INDEX, QUARANTINE)}
+        with run.timed("plan"):
+            tracks = TRACKS.read(storage, columns=["track_id", "audio_uri"])
+            tracks = tracks.filter(pc.is_valid(tracks["audio_uri"]))
+            uris = tracks["audio_uri"].to_pylist()
+            versions = _audio_versions(storage, uris, storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.audio))
+            index = AUDIO_INDEX.read_or_empty(storage)
+            seen = {(r["track_id"], r["audio_uri"], r["audio_size"], r["audio_modified"], r["settings_key"])
+                    for r in index.select(["track_id", "audio_uri", "audio_size", "audio_modified", "settings_key"]).to_pylist()}
+            todo = []
+            for track_id, uri in zip(tracks["track_id"].to_pylist(), uris):
+                size, modified = versions[uri]
+                if (track_id, uri, size, modified, settings_key) not in seen:
+                    todo.append((track_id, uri, size, modified))
+        run.manifest.inputs = {"tracks": TRACKS.run_id(storage), "tracks_with_audio": len(uris), "settings_key": settings_key}
+        if not todo:
+            log.info("spectrograms: all %d tracks with audio are up to date; nothing to do", len(uris))
+            return run.unchanged(outputs=outputs, counts={"tracks_with_audio": len(uris), "processed": 0})
+
+        log.info("spectrograms: run %s — %d of %d tracks need spectrograms (%d clips per task)", run.run_id, len(todo),
+                 len(uris), sc_cfg.clips_per_task)
+        ok_index = index.filter(pc.equal(index["status"], "ok")) if index.num_rows else index
+        known = {r["track_id"]: r["audio_sha256"] for r in ok_index.select(["track_id", "audio_sha256", "settings_key"]).to_pylist()
+                 if r["settings_key"] == settings_key}
+
+        with run.timed("compute"):
+            results = decode_on_spark(ctx.spark, storage, dataset=SPECTROGRAMS, compute_fn=sc_cfg.compute_fn,
+                                      settings=settings, settings_key=settings_key, sc_cfg=sc_cfg, run_id=run.run_id,
+                                      todo=todo, known=known)
+
+        status = Counter(results["status"].to_pylist())
+        processed = len(todo)
+        failed = {k: v for k, v in status.items() if k not in ("ok", "unchanged")}
+        counts = {"tracks_with_audio": len(uris), "processed": processed, "computed": status.get("ok", 0),
+                  "unchanged": status.get("unchanged", 0), "quarantined": sum(failed.values())}
+
+        # New index: the old one with this run's tracks replaced.
+        done_ids = pa.array(results["track_id"].to_pylist(), pa.string())
+        kept = index.filter(pc.invert(pc.is_in(index["track_id"], value_set=done_ids))) if index.num_rows else index
+        unchanged = results.filter(pc.equal(results["status"], "unchanged"))
+        if unchanged.num_rows:  # carry the stored shard forward under the new metadata
+            prev = {r["track_id"]: r["shard"] for r in ok_index.select(["track_id", "shard"]).to_pylist()}
+            unchanged = unchanged.set_column(unchanged.schema.get_field_index("shard"), "shard",
+                                             pa.array([prev.get(t) for t in unchanged["track_id"].to_pylist()], pa.string()))
+            unchanged = unchanged.set_column(unchanged.schema.get_field_index("status"), "status",
+                                             pa.array(["ok"] * unchanged.num_rows, pa.string()))
+        fresh = results.filter(pc.not_equal(results["status"], "unchanged"))
+        new_index = pa.concat_tables([kept, unchanged, fresh])
+
+        # The quarantine is every track whose current audio failed, each with the run that saw it.
+        bad = new_index.filter(pc.not_equal(new_index["status"], "ok"))
+        quarantine = pa.table({"stage": pa.array([STAGE] * bad.num_rows, pa.string()), "source": bad["audio_uri"],
+                               "reason": bad["status"], "detail": bad["detail"], "run_id": bad["run_id"]})
+        run.add_quarantine_files([run.write_part(QUARANTINE, quarantine)])
+        run.check_quarantine([QuarantineCheck(failed, processed, unit="clips")], limit=sc_cfg.max_quarantine_fraction)
+
+        with run.timed("publish"):
+            spec_files, rewritten = _rewrite_superseded(storage, run.run_id, index, results)
+            spec_files += sorted({s for s in fresh["shard"].to_pylist() if s})
+            if rewritten:  # index rows pointing at rewritten shards now point at their new versions
+                shards = [rewritten.get(s, s) if s else s for s in new_index["shard"].to_pylist()]
+                new_index = new_index.set_column(new_index.schema.get_field_index("shard"), "shard", pa.array(shards, pa.string()))
+            meta = {"settings_key": settings_key}
+            if status.get("ok", 0) or _shards_changed(storage, outputs[SPECTROGRAMS.key], spec_files):
+                run.publish(SPECTROGRAMS, spec_files, meta=meta)
+            run.publish(AUDIO_INDEX, [run.write_part(AUDIO_INDEX, new_index)], meta=meta)
+            run.publish_quarantine(meta=meta)
+        log.info("spectrograms: computed %d, unchanged %d, quarantined %s", status.get("ok", 0),
+                 status.get("unchanged", 0), failed or "none")
+        return run.succeed(counts=counts, quarantined=dict(sorted(failed.items())), outputs=outputs)
+
+
+def _published_shards(storage: Storage, dataset_uri: str) -> list[str]:
+    return storage.published_files(dataset_uri) if storage.published(dataset_uri) else []
+
+
+def _shards_changed(storage: Storage, dataset_uri: str, files: list[str]) -> bool:
+    return sorted(_published_shards(storage, dataset_uri)) != sorted(files)
+
+
+def _rewrite_superseded(storage: Storage, run_id: str, index: pa.Table, results: pa.Table) -> tuple[list[str], dict[str, str]]:
+    """The published shard list with every shard that holds a superseded spectrogram rewritten
+    without it (a track re-computed or now failing loses its old row), and old -> new shard."""
+    dataset = SPECTROGRAMS.uri(storage)
+    current = _published_shards(storage, dataset)
+    redone = set(results.filter(pc.not_equal(results["status"], "unchanged"))["track_id"].to_pylist())
+    stale_by_shard: dict[str, set[str]] = {}
+    if index.num_rows:
+        for r in index.filter(pc.equal(index["status"], "ok")).select(["track_id", "shard"]).to_pylist():
+            if r["track_id"] in redone and r["shard"]:
+                stale_by_shard.setdefault(r["shard"], set()).add(r["track_id"])
+    out, rewritten = [], {}
+    for shard in current:
+        stale = stale_by_shard.get(shard)
+        if not stale:
+            out.append(shard)
+            continue
+        table = storage.read_parquet(shard)
+        keep = table.filter(pc.invert(pc.is_in(table["track_id"], value_set=pa.array(sorted(stale), pa.string()))))
+        if keep.num_rows:
+            name = shard.rsplit("/", 1)[1].replace(".parquet", f"-rw-{run_id[-8:]}.parquet")
+            new = join(SPECTROGRAMS.staging(storage, run_id), name)
+            storage.write_parquet(keep, new, compression="none", row_group_size=SHARD_ROW_GROUP)
+            out.append(new)
+            rewritten[shard] = new
+    return out, rewritten
