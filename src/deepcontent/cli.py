@@ -54,6 +54,22 @@ def _stage_command(name: str) -> Callable:
     return cmd
 
 
+def _cmd_embed_files(cfg, args) -> dict:
+    """Embed local files (or storage URIs) with a registered model; write one Parquet file."""
+    from deepcontent.api import embed_audio, load_model, write_embeddings
+    from deepcontent.registry import model_registry
+    from deepcontent.stages import StageContext
+
+    with StageContext.open(cfg) as ctx:
+        model = load_model(args.model or cfg.embed.model_version, storage=model_registry(cfg, ctx.storage))
+        log.info("embed-files: %d files with model %s", len(args.files), model.version)
+        result = embed_audio(args.files, model=model, storage=ctx.storage)
+        out = write_embeddings(result, args.out, storage=ctx.storage)
+    for name, reason in result.failures.items():
+        log.warning("embed-files: %s left out: %s", name, reason)
+    return {"out": out, "model_version": model.version, "embedded": len(result.ids), "failed": result.failures}
+
+
 def pipeline_plan(cfg: Config, *, stop_after: str | None = None) -> tuple[Config, list[str]]:
     """The stages ``deepcontent pipeline`` runs and the config it runs them with: the train stage
     also trains the model variants the evaluation reads, and ``waveforms`` runs only when a model
@@ -154,6 +170,8 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "generate": (_cmd_generate, "write a synthetic catalog in the real MSD / Taste Profile / Last.fm / GTZAN / MTAT formats"),
     **{name: (_stage_command(name), stage.summary) for name, stage in STAGES.items()},
     "pipeline": (_cmd_pipeline, "run every stage in order on the configured catalog (generate first unless --skip-generate)"),
+    "embed-files": (_cmd_embed_files, "embed audio files (any codec) with a registered model -> one Parquet file "
+                                      "(predicted factors, embedding per file)"),
 }
 SUBMIT_HELP = "run one stage on a cluster: spark-submit or `ray job submit` (see deepcontent submit --help)"
 
@@ -177,12 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", default=None, help="config YAML (default: conf/local.yaml, the embedded default)")
         p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
         p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")
+        if name == "embed-files":
+            p.add_argument("--out", required=True, help="where to write the Parquet result (a path or a storage URI)")
+            p.add_argument("--model", default=None, help="model version (default: embed.model_version or production)")
         if name == "pipeline":
             p.add_argument("--skip-generate", action="store_true", help="use the catalog already in storage")
             p.add_argument("--stop-after", choices=list(PIPELINE), default=None, metavar="STAGE",
                            help=f"stop after this stage (one of: {', '.join(PIPELINE)})")
-        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+        if name == "embed-files":
+            p.add_argument("overrides", nargs="+", metavar="FILE | key.path=value",
+                           help="audio files or storage URIs to embed, and config overrides")
+        else:
+            p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return parser
+
+
+def _is_override(arg: str) -> bool:
+    """``section.key=value`` (or a top-level ``key=value``) of the config, not a file name."""
+    key = arg.split("=", 1)[0]
+    return "=" in arg and key.split(".", 1)[0] in Config.model_fields
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return submit_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "embed-files":
+        args.files = [a for a in args.overrides if not _is_override(a)]
+        args.overrides = [a for a in args.overrides if _is_override(a)]
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
         cfg = load_config(args.config, overrides=args.overrides)

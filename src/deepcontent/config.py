@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from deepcontent.audio.settings import MEL_FIELDS, MelSettings
 from deepcontent.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_overrides"]
+__all__ = ["Config", "ConfigError", "PlaysSource", "TableSource", "load_config", "parse_overrides"]
 
 ENV_PREFIX = "DEEPCONTENT__"
 _MEL = MelSettings()
@@ -100,10 +100,72 @@ class RayConfig(_Section):
     include_dashboard: bool = False
 
 
-class SourcesConfig(_Section):
-    """Keys of the raw inputs below ``<storage.root>/<storage.raw_prefix>``, in the layouts the
-    datasets are published in. The generator writes them; ingest reads them."""
+class TableSource(_Section):
+    """A table the catalog arrives as.
 
+    ``uri``: a CSV / TSV / Parquet file or a folder of Parquet files, as a key under the raw
+    prefix or a full URI (``s3://any-bucket/...``, ``file:///...``), or an Iceberg table of the
+    configured warehouse catalog as ``iceberg:<namespace>.<table>``. ``format`` ``auto`` decides
+    by the URI. ``columns`` maps the canonical column names to the source's own (identity for
+    any name not given)."""
+
+    uri: str
+    format: Literal["auto", "csv", "tsv", "parquet", "iceberg"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)
+
+    def column(self, name: str) -> str:
+        return self.columns.get(name, name)
+
+
+class PlaysSource(TableSource):
+    """Plays as a table: ``kind: counts`` (``user_id``, ``song_id`` or ``track_id``,
+    ``play_count``) or ``kind: events`` (``user_id``, ``track_id`` or ``song_id``,
+    ``timestamp``: one row per listen), which Spark aggregates to counts over the events in
+    ``[since, until)`` (ISO-8601 times, UTC when no zone is given; open-ended when null)."""
+
+    kind: Literal["counts", "events"] = "counts"
+    since: str | None = None
+    until: str | None = None
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _iso(cls, v):  # YAML reads 2026-03-15 as a date
+        import datetime as dt
+
+        return v.isoformat() if isinstance(v, (dt.date, dt.datetime)) else v
+
+    @model_validator(mode="after")
+    def _window(self) -> "PlaysSource":
+        import datetime as dt
+
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    dt.datetime.fromisoformat(value)
+                except ValueError:
+                    raise ValueError(f"plays table {name}={value!r} is not an ISO-8601 date or time") from None
+        return self
+
+
+class SourcesConfig(_Section):
+    """Where the catalog comes from, below ``<storage.root>/<storage.raw_prefix>`` unless a
+    full URI is given.
+
+    ``catalog`` is how the track list arrives: ``msd`` (``unique_tracks.txt`` + audio named
+    ``<track_id>.<ext>`` under ``audio``), ``table`` (``track_table``: a track list whose audio
+    column names each track's object, by key under ``audio`` or by full URI) or ``folder`` (no
+    list at all: every object under ``audio`` is a track, its id derived from its key); ``auto``
+    is ``table`` when ``track_table`` is set, else ``msd``. ``plays`` and ``tags`` are optional:
+    ``auto`` takes the table when one is set, else the Taste Profile / Last.fm files when they
+    exist, else none (an audio-only catalog can still be embedded with a trained model)."""
+
+    catalog: Literal["auto", "msd", "table", "folder"] = "auto"
+    plays: Literal["auto", "taste_profile", "table", "none"] = "auto"
+    tags: Literal["auto", "lastfm", "table", "none"] = "auto"
+    track_table: TableSource | None = None
+    play_table: PlaysSource | None = None
+    tag_table: TableSource | None = None
     triplets: str = "taste_profile/train_triplets.txt"
     mismatches: str = "taste_profile/sid_mismatches.txt"
     tracks: str = "msd/unique_tracks.txt"
@@ -112,6 +174,16 @@ class SourcesConfig(_Section):
     audio: str = "audio"
     gtzan: str = "gtzan/genres"
     mtat: str = "magnatagatune"
+
+    @model_validator(mode="after")
+    def _tables_given(self) -> "SourcesConfig":
+        for kind, table in (("catalog", "track_table"), ("plays", "play_table"), ("tags", "tag_table")):
+            if getattr(self, kind) == "table" and getattr(self, table) is None:
+                raise ValueError(f"sources.{kind}=table needs sources.{table} (uri and columns)")
+        return self
+
+    def catalog_kind(self) -> str:
+        return self.catalog if self.catalog != "auto" else ("table" if self.track_table is not None else "msd")
 
 
 class SynthConfig(_Section):
@@ -130,6 +202,10 @@ class SynthConfig(_Section):
     # "none" with audio=false is the plays-only mode (Taste Profile scale: triplets + tracks).
     lastfm_format: Literal["json", "db", "both", "none"] = "json"
     mismatch_fraction: float = 0.01
+    # Real Last.fm quirks: a share of tagged tracks carries one tag of weight 0, and the
+    # lastfm_tags.db gets tid_tag rows whose track or tag id has no row.
+    zero_weight_tag_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    dangling_tag_rows: int = Field(0, ge=0)
     gtzan_per_genre: int = 10
     mtat_clips: int = 100
     workers: int | None = None
@@ -138,6 +214,13 @@ class SynthConfig(_Section):
 class IngestConfig(_Section):
     # Bytes per Spark task when splitting large line-oriented files.
     chunk_bytes: int = 64 * 1024 * 1024
+    # Objects under the audio prefix with these extensions are not audio (cover art, text,
+    # playlists): quarantined as unsupported_format without being read. Any other object is a
+    # candidate and its content decides (an unknown extension is decoded like any other).
+    non_audio_extensions: tuple[str, ...] = (
+        ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".pdf", ".txt", ".md", ".nfo", ".log",
+        ".cue", ".m3u", ".m3u8", ".pls", ".json", ".xml", ".html", ".htm", ".csv", ".tsv", ".db", ".zip", ".gz",
+        ".tar", ".7z", ".rar", ".exe", ".sfv", ".md5", ".sha256", ".ds_store", ".ini")
     # Fail the job when more than this fraction of input records is quarantined.
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
 
@@ -160,6 +243,8 @@ class SpectrogramConfig(_Section):
     hpss: bool = _MEL.hpss
     # Longer audio is quarantined as too_long (decided from the header, before decoding).
     max_seconds: float = _MEL.max_seconds
+    # A clip that decodes less than this share of its header's duration is quarantined as truncated.
+    min_decoded_fraction: float = _MEL.min_decoded_fraction
     # Objects larger than this are quarantined as too_long without being read (memory bound).
     max_audio_bytes: int = 256 * 1024 * 1024
     clips_per_task: int = Field(64, ge=1)
@@ -190,6 +275,9 @@ class MatricesConfig(_Section):
     split_level: Literal["song", "artist"] = "song"
     # tags must occur on at least this many distinct songs (the papers: more than once)
     min_tag_count: int = Field(2, ge=1)
+    # tags weighted below this stay in the canonical tags (they are in the data) but not in the
+    # tag matrix (Last.fm publishes weight 0 for tags that barely apply)
+    min_tag_weight: int = Field(1, ge=0, le=100)
     # counts above this are "absurd" (a bot or a logging bug) and quarantined
     max_play_count: int = Field(100_000, ge=1)
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
@@ -323,6 +411,10 @@ class EmbedConfig(_Section):
 
     # None = the production model (models/production.json).
     model_version: str | None = None
+    # The storage root whose model registry embed, neighbors and nightly load from (same store
+    # and credentials); None = storage.root. Another catalog's root embeds this catalog with a
+    # model trained there (an audio-only catalog has no plays to train one).
+    registry_root: str | None = None
     actors: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_actor: float = Field(1.0, gt=0.0)

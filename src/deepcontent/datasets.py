@@ -368,3 +368,16 @@ def load_csr(storage: "Storage", uri: str):
     import scipy.sparse as sp
 
     return sp.load_npz(io.BytesIO(storage.read_bytes(uri))).tocsr()
+
+
+def require_plays(storage: "Storage", *, needed_by: str) -> dict:
+    """The published plays' pointer; raises :class:`InputMissingError` with one line saying
+    why when the catalog has none (an audio-only catalog: embed it with a model trained on
+    another, ``embed.registry_root``)."""
+    pointer = PLAYS.require(storage, needed_by=needed_by)
+    if not pointer.get("files") and not pointer.get("rows"):
+        raise InputMissingError(
+            f"{needed_by} needs listening data, and this catalog has no plays (ingest run {pointer['run_id']} found "
+            f"{pointer.get('source', 'none')!r}); set sources.play_table or sources.triplets, or embed it with a model "
+            f"trained on another catalog (embed.registry_root, embed.model_version)")
+    return pointer

@@ -116,6 +116,13 @@ def variant_pointer(storage: Storage, variant: str) -> dict | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
+def model_registry(cfg: Config, storage: Storage) -> Storage:
+    """Where models are loaded from: ``embed.registry_root`` (another catalog's root on the same
+    store, so a model trained there can embed an audio-only catalog here) or the storage itself."""
+    root = cfg.embed.registry_root
+    return storage.with_root(root) if root else storage
+
+
 def production_version(storage: Storage) -> str:
     """The production model version (``models/production.json``)."""
     uri = storage.uri(PRODUCTION)

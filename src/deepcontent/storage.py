@@ -193,6 +193,11 @@ class Storage:
     def __repr__(self) -> str:
         return f"Storage(root={self.root!r}, endpoint_url={self.endpoint_url!r})"
 
+    def with_root(self, root: str) -> "Storage":
+        """The same store (endpoint, region, credentials) under another root: another
+        catalog's registry, another bucket."""
+        return Storage(root, endpoint_url=self.endpoint_url, region=self.region, credentials=self._credentials)
+
     # ----------------------------------------------------------------- clients
     def _s3fs(self) -> pafs.FileSystem:
         if self._pafs is None:

@@ -23,7 +23,7 @@ CLI = [sys.executable, "-m", "deepcontent.cli"]
 SETTINGS = ["synth.songs=60", "synth.users=600", "synth.clip_seconds=5", "synth.audio_format=wav",
             "synth.gtzan_per_genre=0", "synth.mtat_clips=0", "spark.master=local[2]", "factorize.factors=8",
             "train.epochs=2", "train.batch_size=16", "neighbors.k=5", "evaluate.mlp_epochs=5", "embed.in_process_max_clips=0",
-            "evaluate.kmeans_centroids=16",
+            "evaluate.kmeans_centroids=16", "synth.lastfm_format=both", "synth.dangling_tag_rows=2",
             "evaluate.methods=[random,bow_linear,bow_mlp,kmeans_linear,cnn_mse,cnn_wpe,raw_cnn,upper_bound]"]
 COLD_START_METHODS = ("random", "bow_linear", "bow_mlp", "kmeans_linear", "cnn_mse", "cnn_wpe", "raw_cnn", "upper_bound")
 
@@ -188,3 +188,56 @@ def test_embed_killed_before_its_commit_changes_nothing_and_the_rerun_completes(
         assert emb.num_rows == rows + 3 and len(ids) == len(set(ids)) and set(new_ids) <= set(ids)
         assert wh.snapshot_count("embeddings") == snaps + 1
     assert not any(staging.rglob("*.parquet"))  # the killed run's files were swept
+
+
+def _manifest(workdir: Path, uri: str) -> dict:
+    return json.loads((workdir / ".deepcontent" / "s3" / "deepcontent" / uri.split("s3://deepcontent/", 1)[1]).read_text())
+
+
+def test_real_lastfm_quirks_are_counted_not_fatal(demo):
+    """Weight-0 tags and dangling lastfm_tags.db rows, as the real dataset has them: the
+    pipeline ran through evaluate (the tag task included) and the manifests count them."""
+    workdir, result = demo
+    ingest = _manifest(workdir, result["ingest"]["manifest"])
+    assert ingest["quarantined"]["dangling_id"] == 2 and ingest["counts"]["lastfm_json_superseded_by_db"] > 0
+    tags = ingest["counts"]["tags"]
+    matrices = _manifest(workdir, result["matrices"]["manifest"])
+    assert 0 < matrices["counts"]["tags_below_min_weight"] < tags  # weight-0 tags kept, left out of the matrix
+    assert result["evaluate"]["tag_prediction"]["methods"]["upper_bound"]["auc"] > 0.5
+
+
+def test_embed_audio_equals_the_rows_embed_wrote(demo):
+    import deepcontent
+    from deepcontent.engines.s3server import EmbeddedS3Server
+    from deepcontent.storage import Storage
+
+    workdir, result = demo
+    audio = sorted((workdir / ".deepcontent" / "s3" / "deepcontent" / "raw" / "audio").rglob("*.wav"))[:3]
+    with EmbeddedS3Server(workdir / ".deepcontent" / "s3") as server:
+        storage = Storage("s3://deepcontent", endpoint_url=server.endpoint_url, credentials=server.credentials)
+        model = deepcontent.load_model(storage=storage)
+        out = deepcontent.embed_audio([str(p) for p in audio], model=model)
+    assert model.version == result["train"]["model_version"] and not out.failures
+    with warehouse(workdir) as wh:
+        emb = {r["track_id"]: r for r in wh.read("embeddings").to_pylist()}
+    for i, path in enumerate(audio):
+        row = emb[path.stem]
+        np.testing.assert_allclose(out.predicted_factors[i], row["predicted_factors"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(out.embeddings[i], row["embedding"], rtol=1e-4, atol=1e-5)
+
+    files = cli(["embed-files", "--json", "--out", str(workdir / "files.parquet"), *map(str, audio[:2]), "spark.master=local[2]"],
+                workdir)
+    got = last_json(files)
+    assert got["embedded"] == 2 and (workdir / "files.parquet").exists()
+
+
+def test_a_settings_change_makes_nightly_fail_instead_of_embedding_nothing(demo, tmp_path):
+    import shutil
+
+    workdir, _ = demo
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    out = cli(["nightly", "--json", *SETTINGS, "spectrograms.n_mels=64"], copy)
+    assert out.returncode == 1, out.stderr[-3000:]
+    msg = next(line for line in out.stderr.splitlines() if "failed:" in line)
+    assert "none match" in msg and "Re-run `deepcontent spectrograms`" in msg and msg.count("mel-") == 2

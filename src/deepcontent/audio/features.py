@@ -66,7 +66,8 @@ __all__ = [
 SILENCE_RMS = 1e-5
 
 #: The fixed set of :attr:`AudioError.reason` values.
-AUDIO_ERROR_REASONS: frozenset[str] = frozenset({"empty", "undecodable", "silent", "too_long", "too_short"})
+AUDIO_ERROR_REASONS: frozenset[str] = frozenset({"empty", "undecodable", "unsupported_format", "truncated", "silent",
+                                                 "too_long", "too_short"})
 
 _DECODE_BLOCK = 1 << 18  # frames per libsndfile read (2 MiB stereo float32); each read costs ~50 us fixed
 _STFT_BLOCK = 128  # frames per rfft batch; 128 x 1024 float32 = 512 KiB
@@ -115,18 +116,21 @@ class AudioError(DeepcontentError, ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_mono(data: bytes, *, max_seconds: float) -> tuple[np.ndarray, int]:
-    """Decode an MP3 / Ogg Vorbis / FLAC / WAV file from its bytes and downmix it to mono.
+def decode_mono(data: bytes, *, max_seconds: float, min_decoded_fraction: float = 0.0) -> tuple[np.ndarray, int]:
+    """Decode an audio file from its bytes and downmix it to mono.
 
-    The format is detected from the content (libsndfile), whatever name or extension the file
-    came with. The duration is checked against ``max_seconds`` from the header's frame count
+    The format is detected from the content, whatever name or extension the file came with:
+    libsndfile reads what it recognises (MP3, Ogg Vorbis and Opus, FLAC, WAV, AIFF, ...), and
+    anything else goes to ffmpeg through PyAV (AAC / M4A, ALAC, WMA, ...), the same way. The duration is checked against ``max_seconds`` from the header's frame count
     *before* any audio is decoded (for MP3 the count is libmpg123's estimate, accurate to a few
     frames), and decoding stops at ``max_seconds`` regardless, so memory stays bounded even for a
     header that lies. Reading is block-wise and the downmix is the per-block channel mean, so the
     full multi-channel array is never held.
 
     A file that stops decoding part-way (a truncated MP3, say) yields what did decode, as real
-    players do; only a file from which nothing decodes is an error.
+    players do, unless that is less than ``min_decoded_fraction`` of the duration its header
+    declares (a FLAC's STREAMINFO, a WAV's data chunk size, a container's duration): then it is
+    ``truncated``. Only a file from which nothing decodes is ``undecodable``.
 
     Parameters
     ----------
@@ -134,6 +138,8 @@ def decode_mono(data: bytes, *, max_seconds: float) -> tuple[np.ndarray, int]:
         The complete encoded file (``bytes``, ``bytearray`` or ``memoryview``).
     max_seconds : float > 0
         Longest accepted duration in seconds.
+    min_decoded_fraction : float in [0, 1]
+        Share of the declared duration that must decode (0 accepts any partial decode).
 
     Returns
     -------
@@ -145,9 +151,11 @@ def decode_mono(data: bytes, *, max_seconds: float) -> tuple[np.ndarray, int]:
     Raises
     ------
     AudioError
-        ``reason="empty"`` for zero bytes, ``"undecodable"`` when libsndfile does not recognise
-        the data or nothing decodes, ``"too_long"`` when the header's duration exceeds
-        ``max_seconds`` (the message gives both).
+        ``reason="empty"`` for zero bytes, ``"undecodable"`` when neither decoder recognises
+        the data or nothing decodes, ``"unsupported_format"`` for a recognised file that holds
+        no audio stream (an image, a video without sound), ``"too_long"`` when the header's
+        duration exceeds ``max_seconds``, ``"truncated"`` when less than
+        ``min_decoded_fraction`` of the declared duration decodes (the messages give both).
     TypeError
         If ``data`` is not bytes-like.
     """
@@ -157,10 +165,13 @@ def decode_mono(data: bytes, *, max_seconds: float) -> tuple[np.ndarray, int]:
         raise ValueError(f"max_seconds must be a finite number > 0, got {max_seconds!r}")
     if len(data) == 0:
         raise AudioError("empty", "0 bytes of audio")
+    if not _is_real(min_decoded_fraction) or not 0.0 <= min_decoded_fraction <= 1.0:
+        raise ValueError(f"min_decoded_fraction must be a number in [0, 1], got {min_decoded_fraction!r}")
     try:
         f = sf.SoundFile(io.BytesIO(data))
-    except (sf.SoundFileError, RuntimeError) as exc:  # LibsndfileError and friends
-        raise AudioError("undecodable", f"{len(data)} bytes not recognised as audio: {_sf_message(exc)}") from None
+    except (sf.SoundFileError, RuntimeError) as exc:  # LibsndfileError and friends: not a format it knows
+        return _decode_mono_ffmpeg(data, max_seconds=max_seconds, min_decoded_fraction=min_decoded_fraction,
+                                   libsndfile=_sf_message(exc))
     with f:
         sr, channels, frames = int(f.samplerate), int(f.channels), int(f.frames)
         if sr <= 0 or channels <= 0:
@@ -176,8 +187,97 @@ def decode_mono(data: bytes, *, max_seconds: float) -> tuple[np.ndarray, int]:
         raise AudioError(
             "too_long", f"decoded duration {y.size / sr:.1f} s exceeds max_seconds={max_seconds} (header said {duration:.1f} s)"
         )
+    declared = max(frames, _wav_declared_frames(data, channels))
+    if y.size == 0 or y.size < min_decoded_fraction * declared:
+        # libsndfile drops the whole block a decode error falls in; ffmpeg resyncs frame by frame
+        # and may recover more of a damaged file: a second opinion before giving up on it.
+        try:
+            y2, sr2 = _decode_mono_ffmpeg(data, max_seconds=max_seconds, min_decoded_fraction=0.0,
+                                          libsndfile="decode error")
+            if y2.size * sr > y.size * sr2:
+                y, sr = y2, sr2
+                declared = int(round(declared * sr2 / int(f.samplerate)))
+        except AudioError:
+            pass
     if y.size == 0:
         raise AudioError("undecodable", f"no audio frames decode from {len(data)} bytes (header claims {frames} frames)")
+    _check_complete(y.size, declared, sr, min_decoded_fraction)
+    return y, sr
+
+
+def _check_complete(decoded: int, declared: int, sr: int, min_fraction: float) -> None:
+    if declared > 0 and decoded < min_fraction * declared:
+        raise AudioError("truncated", f"decoded {decoded / sr:.2f} s of the {declared / sr:.2f} s its header declares "
+                                      f"({decoded} of {declared} frames at {sr} Hz; less than {min_fraction:.0%})")
+
+
+def _wav_declared_frames(data: bytes, channels: int) -> int:
+    """Frames a RIFF/WAVE file's ``data`` chunk declares (0 when not a WAV or not stated):
+    libsndfile reports what the file holds, so a cut WAV would look complete."""
+    if len(data) < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return 0
+    pos, block_align = 12, 0
+    while pos + 8 <= min(len(data), 1 << 16):
+        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if cid == b"fmt " and pos + 22 <= len(data):
+            block_align = int.from_bytes(data[pos + 20:pos + 22], "little")
+        elif cid == b"data":
+            return size // block_align if block_align and size != 0xFFFFFFFF else 0
+        pos += 8 + size + (size & 1)
+    return 0
+
+
+def _decode_mono_ffmpeg(data: bytes, *, max_seconds: float, min_decoded_fraction: float,
+                        libsndfile: str) -> tuple[np.ndarray, int]:
+    """The fallback decoder: ffmpeg through PyAV, for what libsndfile does not read (AAC / M4A,
+    ALAC, WMA, ...). Same contract as :func:`decode_mono`: per-block channel mean, bounded by
+    ``max_seconds``, partial decodes kept unless truncated."""
+    try:
+        import av
+    except ImportError:  # pragma: no cover - av is a dependency; a stripped install may lack it
+        raise AudioError("undecodable", f"{len(data)} bytes not recognised by libsndfile ({libsndfile}) and "
+                                        f"the ffmpeg decoder (PyAV) is not installed") from None
+    try:
+        container = av.open(io.BytesIO(bytes(data)), mode="r")
+    except Exception as exc:  # av.error.FFmpegError and friends: not a format ffmpeg knows either
+        raise AudioError("undecodable", f"{len(data)} bytes not recognised as audio (libsndfile: {libsndfile}; "
+                                        f"ffmpeg: {str(exc).splitlines()[0][:150]})") from None
+    with container:
+        if not container.streams.audio:
+            raise AudioError("unsupported_format", f"a {container.format.name!r} file with no audio stream "
+                                                   f"({len(container.streams)} other streams)")
+        stream = container.streams.audio[0]
+        sr = int(stream.codec_context.sample_rate or stream.rate or 0)
+        if sr <= 0:
+            raise AudioError("undecodable", f"{container.format.name!r} audio stream without a sample rate")
+        if stream.duration is not None and stream.time_base is not None:
+            declared_s = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            declared_s = container.duration / 1e6
+        else:
+            declared_s = 0.0
+        if declared_s > max_seconds:
+            raise AudioError("too_long", f"duration {declared_s:.1f} s ({container.format.name}) exceeds "
+                                         f"max_seconds={max_seconds}")
+        limit = int(math.floor(max_seconds * sr))
+        resampler = av.AudioResampler(format="fltp", rate=sr)  # planar float32, the stream's own layout
+        blocks, n = [], 0
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    a = out.to_ndarray()  # (channels, samples)
+                    blocks.append(a[0] if a.shape[0] == 1 else a.mean(axis=0, dtype=np.float32))
+                    n += a.shape[1]
+                if n > limit:
+                    break
+        except Exception:  # corrupt past this point (av.error.InvalidDataError): keep what decoded
+            pass
+    y = np.concatenate(blocks).astype(np.float32, copy=False) if blocks else np.zeros(0, np.float32)
+    if y.size > limit:
+        raise AudioError("too_long", f"decoded duration {y.size / sr:.1f} s exceeds max_seconds={max_seconds}")
+    if y.size == 0:
+        raise AudioError("undecodable", f"no audio frames decode from {len(data)} bytes ({container.format.name})")
+    _check_complete(y.size, int(round(declared_s * sr)), sr, min_decoded_fraction)
     return y, sr
 
 
@@ -542,7 +642,7 @@ def compute_log_mel(data: bytes, *, settings: MelSettings) -> dict:
     if not isinstance(settings, MelSettings):
         raise TypeError(f"settings must be MelSettings, got {type(settings).__name__}")
     digest = hashlib.sha256(data).hexdigest() if isinstance(data, (bytes, bytearray, memoryview)) else None
-    y, sr = decode_mono(data, max_seconds=settings.max_seconds)
+    y, sr = decode_mono(data, max_seconds=settings.max_seconds, min_decoded_fraction=settings.min_decoded_fraction)
     target = settings.sample_rate
     if y.size * target // sr < settings.n_fft:
         raise AudioError(
@@ -610,7 +710,7 @@ def compute_waveform(data: bytes, *, settings: MelSettings) -> dict:
     if not isinstance(settings, MelSettings):
         raise TypeError(f"settings must be MelSettings, got {type(settings).__name__}")
     digest = hashlib.sha256(data).hexdigest() if isinstance(data, (bytes, bytearray, memoryview)) else None
-    y, sr = decode_mono(data, max_seconds=settings.max_seconds)
+    y, sr = decode_mono(data, max_seconds=settings.max_seconds, min_decoded_fraction=settings.min_decoded_fraction)
     y = resample(y, orig_sr=sr, target_sr=settings.sample_rate)
     if not np.isfinite(y).all():
         raise AudioError("undecodable", "decoded samples contain NaN or infinity")

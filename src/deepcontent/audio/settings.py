@@ -62,6 +62,9 @@ class MelSettings:
         Also compute harmonic and percussive log-mels (median-filter HPSS).
     max_seconds : float > 0
         Longer audio is rejected with ``AudioError(reason="too_long")`` before it is decoded.
+    min_decoded_fraction : float in [0, 1]
+        A file from which less than this share of the duration its header declares decodes is
+        rejected as ``truncated``. Default 0.5.
 
     Raises
     ------
@@ -78,6 +81,7 @@ class MelSettings:
     compression: float = 10_000.0
     hpss: bool = False
     max_seconds: float = 600.0
+    min_decoded_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         for name, low in (("sample_rate", 1), ("n_fft", 2), ("hop_length", 1), ("n_mels", 1)):
@@ -102,6 +106,8 @@ class MelSettings:
             raise ValueError(f"MelSettings.hpss must be a bool, got {self.hpss!r}")
         if not _is_real(self.max_seconds) or not math.isfinite(self.max_seconds) or self.max_seconds <= 0:
             raise ValueError(f"MelSettings.max_seconds must be a finite number > 0, got {self.max_seconds!r}")
+        if not _is_real(self.min_decoded_fraction) or not 0.0 <= self.min_decoded_fraction <= 1.0:
+            raise ValueError(f"MelSettings.min_decoded_fraction must be a number in [0, 1], got {self.min_decoded_fraction!r}")
 
     @property
     def f_max(self) -> float:
@@ -118,7 +124,8 @@ class MelSettings:
 
         Two settings get the same key exactly when they produce the same arrays from the same
         audio: ``fmax=None`` and ``fmax=sample_rate/2`` share a key, and ``max_seconds`` is left
-        out (it decides which clips are accepted, not what an accepted clip's spectrogram is).
+        out, as is ``min_decoded_fraction`` (they decide which clips are accepted, not what an accepted
+        clip's spectrogram is).
         The algorithm version (:data:`FEATURES_VERSION`), the resampler and the HPSS kernel are
         in it, so a stored spectrogram whose key differs from the current one is stale.
 

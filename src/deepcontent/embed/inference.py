@@ -82,7 +82,9 @@ class ClipEmbedder:
     Parameters
     ----------
     storage : Storage
-        Where the model registry, the shards and the staging prefix are.
+        Where the shards and the staging prefix are.
+    registry : Storage, optional
+        Where the model registry is (default: ``storage``).
     model_version : str
     todo_keys : pa.Array
         :func:`pair_keys` of the (track, audio hash) pairs to embed.
@@ -99,6 +101,7 @@ class ClipEmbedder:
     """
 
     def __init__(self, *, storage: Storage, model_version: str, todo_keys: pa.Array, staging_uri: str,
+                 registry: Storage | None = None,
                  use_gpu: bool = False, threads: int = 1, precision: str = "auto", clips_per_forward_batch: int = 32,
                  windows_per_forward: int = 256) -> None:
         import torch
@@ -110,7 +113,7 @@ class ClipEmbedder:
             raise ValueError("embed.precision='bf16' needs embed.use_gpu=true; use 'auto' or 'fp32' on CPU")
         self.storage, self.todo_keys, self.staging_uri = storage, todo_keys, staging_uri
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model, artifact = load_model(storage, model_version, map_location=self.device)
+        self.model, artifact = load_model(registry or storage, model_version, map_location=self.device)
         self.model.to(self.device)
         self.n_frames = int(artifact["window_frames"])
         self.mean = np.asarray(artifact["target_mean"], np.float32)

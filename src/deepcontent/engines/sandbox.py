@@ -174,6 +174,10 @@ def warm_up(fn_path: str, settings) -> None:
     buf = io.BytesIO()
     sf.write(buf, noise, settings.sample_rate, format="WAV", subtype="PCM_16")
     resolve(fn_path)(buf.getvalue(), settings=settings)
+    try:  # the fallback decoder's libraries too, so no child pays for them
+        import av  # noqa: F401
+    except ImportError:
+        pass
     _WARM.add(fn_path)
 
 

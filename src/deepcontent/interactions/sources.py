@@ -45,6 +45,10 @@ class Reason(str, Enum):
     DUPLICATE_TRACK = "duplicate_track"  # track id listed twice in unique_tracks.txt
     BAD_WEIGHT = "bad_weight"  # tag weight not a number in [0, 100]
     MALFORMED_JSON = "malformed_json"  # a Last.fm file that is not the expected JSON
+    DANGLING_ID = "dangling_id"  # a lastfm_tags.db tid_tag row whose track or tag id has no row
+    BAD_TIMESTAMP = "bad_timestamp"  # a listening event whose time is not a time
+    UNSUPPORTED_FORMAT = "unsupported_format"  # an object under the audio prefix that is not audio
+    DUPLICATE_AUDIO = "duplicate_audio"  # a second audio object for a track that has one
 
 
 
@@ -178,7 +182,8 @@ def parse_triplets(
     song, bad_s = _utf8(table["song_id"].combine_chunks())
     count_raw, bad_c = _utf8(table["play_count"].combine_chunks())
     count_txt = pc.utf8_trim(count_raw, characters=" \r")
-    empty = np.asarray(pc.fill_null(pc.or_(pc.equal(pc.binary_length(user), 0), pc.equal(pc.binary_length(song), 0)), True))
+    empty = np.asarray(pc.fill_null(pc.or_(pc.or_(pc.equal(pc.binary_length(user), 0), pc.equal(pc.binary_length(song), 0)),
+                                           pc.equal(pc.binary_length(count_txt), 0)), True))
     malformed = bad_u | bad_s | bad_c | empty
     is_int, as_int = _parse_counts(count_txt)
     bad_count = ~malformed & (~is_int | (as_int > INT32_MAX))
@@ -294,16 +299,23 @@ def read_lastfm_db(path: str, *, uri: str) -> tuple[pa.Table, pa.Table]:
     """The SQLite ``lastfm_tags.db`` at a local ``path`` -> (tags, quarantine)."""
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
+        # LEFT JOINs: a tid_tag row whose track or tag id has no row is a dangling record,
+        # quarantined, not dropped by the join.
         rows = con.execute(
-            "SELECT tids.tid, tags.tag, tid_tag.val, tid_tag.ROWID FROM tid_tag "
-            "JOIN tids ON tids.ROWID = tid_tag.tid JOIN tags ON tags.ROWID = tid_tag.tag"
+            "SELECT tids.tid, tags.tag, tid_tag.val, tid_tag.ROWID, tid_tag.tid, tid_tag.tag FROM tid_tag "
+            "LEFT JOIN tids ON tids.ROWID = tid_tag.tid LEFT JOIN tags ON tags.ROWID = tid_tag.tag"
         ).fetchall()
     except sqlite3.DatabaseError as exc:
         return _tags_table([], [], []), quarantine_rows([uri], Reason.MALFORMED_JSON, [f"not a Last.fm tags database: {exc}"])
     finally:
         con.close()
-    ids, tags, weights, q_src, q_detail = [], [], [], [], []
-    for tid, tag, val, rowid in rows:
+    ids, tags, weights, q_src, q_detail, d_src, d_detail = [], [], [], [], [], [], []
+    for tid, tag, val, rowid, tid_ref, tag_ref in rows:
+        if tid is None or tag is None:
+            d_src.append(f"{uri}#tid_tag[{rowid}]")
+            d_detail.append(f"tid_tag row names track rowid {tid_ref!r} and tag rowid {tag_ref!r}; "
+                            f"{'the track' if tid is None else 'the tag'} has no row")
+            continue
         w = _weight(val)
         if w is None or not tag:
             q_src.append(f"{uri}#tid_tag[{rowid}]")
@@ -312,7 +324,8 @@ def read_lastfm_db(path: str, *, uri: str) -> tuple[pa.Table, pa.Table]:
         ids.append(tid)
         tags.append(tag)
         weights.append(w)
-    return _tags_table(ids, tags, weights), (quarantine_rows(q_src, Reason.BAD_WEIGHT, q_detail) if q_src else empty_quarantine())
+    rejected = [quarantine_rows(q_src, Reason.BAD_WEIGHT, q_detail), quarantine_rows(d_src, Reason.DANGLING_ID, d_detail)]
+    return _tags_table(ids, tags, weights), pa.concat_tables(rejected)
 
 
 def _tags_table(ids: list, tags: list, weights: list) -> pa.Table:

@@ -34,30 +34,52 @@ from deepcontent import datasets
 from deepcontent.config import Config
 from deepcontent.datasets import EMBED_STAGING, SPECTROGRAMS
 from deepcontent.embed.inference import STAGED_SCHEMA, ClipEmbedder, pair_keys, work_items
+from deepcontent.errors import InputMissingError
 from deepcontent.manifest import log
-from deepcontent.registry import production_version
+from deepcontent.registry import model_registry, production_version
 from deepcontent.stages.base import QuarantineCheck, StageContext, StageResult, StageRun
 from deepcontent.storage import Storage, join, safe_key
 
-__all__ = ["STAGE", "run", "spectrogram_pairs"]
+__all__ = ["STAGE", "matching_settings", "run", "spectrogram_pairs"]
 
 STAGE = "embed"
 QUARANTINE = datasets.quarantine(STAGE)
 
 
-def spectrogram_pairs(storage: Storage, *, settings_key: str) -> pa.Table:
-    """``(track_id, audio_sha256, uri, row_group)`` of every published spectrogram computed with
-    ``settings_key`` (reads two small columns per row group, never the mels)."""
+def spectrogram_pairs(storage: Storage) -> pa.Table:
+    """``(track_id, audio_sha256, settings_key, uri, row_group)`` of every published spectrogram
+    (reads three small columns per row group, never the mels)."""
     SPECTROGRAMS.require(storage, needed_by="embed")
     parts = []
     for uri in SPECTROGRAMS.files(storage):
         for g, t in storage.read_row_groups(uri, columns=["track_id", "audio_sha256", "settings_key"]):
-            t = t.filter(pc.equal(t["settings_key"], settings_key)).select(["track_id", "audio_sha256"])
             parts.append(t.append_column("uri", pa.array([uri] * t.num_rows, pa.string()))
                          .append_column("row_group", pa.array([g] * t.num_rows, pa.int32())))
-    schema = pa.schema([("track_id", pa.string()), ("audio_sha256", pa.string()), ("uri", pa.string()),
-                        ("row_group", pa.int32())])
-    return pa.concat_tables(parts) if parts else schema.empty_table()
+    schema = pa.schema([("track_id", pa.string()), ("audio_sha256", pa.string()), ("settings_key", pa.string()),
+                        ("uri", pa.string()), ("row_group", pa.int32())])
+    return pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
+
+
+def matching_settings(pairs: pa.Table, *, settings_key: str, model_version: str) -> pa.Table:
+    """The spectrograms computed with the model's settings. None matching while others exist is
+    an error (the catalog would silently get no embeddings); some not matching is logged.
+
+    Raises
+    ------
+    InputMissingError
+        Naming both keys and the count, and what to run.
+    """
+    match = pairs.filter(pc.equal(pairs["settings_key"], settings_key))
+    others = pairs.num_rows - match.num_rows
+    if others:
+        found = sorted(set(pc.filter(pairs["settings_key"], pc.not_equal(pairs["settings_key"], settings_key)).to_pylist()))
+        message = (f"{others} of {pairs.num_rows} published spectrograms were computed with settings {', '.join(found)}, "
+                   f"but model {model_version} was trained on {settings_key}")
+        if not match.num_rows:
+            raise InputMissingError(f"embed: {message}; none match, so nothing can be embedded. Re-run `deepcontent "
+                                    f"spectrograms` with the model's spectrogram settings, or train a model on the new ones")
+        log.warning("embed: %s; only the %d matching ones are embedded", message, match.num_rows)
+    return match.drop_columns(["settings_key"])
 
 
 def _embedder_kwargs(cfg: Config, storage: Storage, *, version: str, todo_keys: pa.Array, staging: str) -> dict:
@@ -103,8 +125,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from deepcontent.registry import load_model
 
     storage, warehouse, ec = ctx.storage, ctx.warehouse, cfg.embed
-    version = ec.model_version or production_version(storage)
-    _, artifact = load_model(storage, version)
+    registry = model_registry(cfg, storage)
+    version = ec.model_version or production_version(registry)
+    _, artifact = load_model(registry, version)
     if artifact.get("input", "log_mel") != "log_mel" or artifact.get("targets", "plays") != "plays":
         raise ValueError(f"embed: model {version} reads {artifact.get('input')} and predicts {artifact.get('targets')} "
                          f"factors; the embeddings table needs a log-mel model of the listening factors "
@@ -115,7 +138,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         warehouse.ensure_tables(["embeddings"])
 
         with run.timed("plan"):
-            pairs = spectrogram_pairs(storage, settings_key=settings_key)
+            all_pairs = spectrogram_pairs(storage)
+            pairs = matching_settings(all_pairs, settings_key=settings_key, model_version=version)
             stored = warehouse.read("embeddings", EqualTo("model_version", version), columns=["track_id", "audio_sha256"])
             stored = stored.cast(pa.schema([("track_id", pa.string()), ("audio_sha256", pa.string())]))
             stored_keys = pair_keys(stored["track_id"], stored["audio_sha256"]) if stored.num_rows else pa.array([], pa.string())
@@ -124,7 +148,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             is_changed = pc.is_in(pending["track_id"], value_set=stored["track_id"])
             n_changed = int(pc.sum(is_changed).as_py() or 0)
         counts = {"spectrograms": pairs.num_rows, "to_embed": pending.num_rows, "new": pending.num_rows - n_changed,
-                  "changed": n_changed}
+                  "changed": n_changed, "other_settings": all_pairs.num_rows - pairs.num_rows}
         run.manifest.inputs = {"model_version": version, "settings_key": settings_key,
                                "spectrograms": SPECTROGRAMS.run_id(storage)}
         if pending.num_rows == 0:
@@ -141,6 +165,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                  "in this process" if in_process else f"{ec.actors} Ray actors" + (" on GPUs" if ec.use_gpu else ""))
         embedder = _embedder_kwargs(cfg, storage, version=version, staging=staging,
                                     todo_keys=pair_keys(pending["track_id"], pending["audio_sha256"]))
+        embedder["registry"] = registry
         if not in_process:
             ctx.ensure_ray()
         with run.timed("inference"):

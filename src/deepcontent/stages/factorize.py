@@ -82,6 +82,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     The result's counts are the listening fit's (``train_items``, ``valid_items``, ``user_ids``,
     ``nnz_train``), the tag fit's prefixed with ``tags_``."""
     storage = ctx.storage
+    datasets.require_plays(storage, needed_by="factorize")
     files = csr_exports(storage, needed_by="factorize")
     exports_run = datasets.EXPORTS.run_id(storage)
     results: dict[str, StageResult] = {}

@@ -133,6 +133,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         inputs = {d.key: d.run_id(storage) for d in (TRACKS, PLAYS, TAGS)}
         if inputs[TRACKS.key] is None or inputs[PLAYS.key] is None:
             raise InputMissingError(f"matrices needs published {TRACKS.key} and {PLAYS.key}; run `deepcontent ingest` first")
+        datasets.require_plays(storage, needed_by="matrices")
         fingerprint = hashlib.sha256(json.dumps([inputs, cfg.fingerprint("matrices")], sort_keys=True).encode()).hexdigest()[:24]
         current = EXPORTS.pointer(storage)
         if current is not None and current.get("input_fingerprint") == fingerprint:
@@ -190,7 +191,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                 export_files.append(f)
             del coo, rows, cols, vals, split_col
         with run.timed("tags"):
-            tag_index, tag_files, tag_counts = _tag_matrices(run, tracks, item_index, item_split, m.min_tag_count)
+            tag_index, tag_files, tag_counts = _tag_matrices(run, tracks, item_index, item_split, m.min_tag_count,
+                                                             m.min_tag_weight)
             export_files += tag_files
 
         with run.timed("publish"):
@@ -216,10 +218,17 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         return run.succeed(counts=counts, quarantined=dict(reasons), outputs=outputs)
 
 
-def _tag_matrices(run: StageRun, tracks: pa.Table, item_index: pa.Table, item_split: np.ndarray, min_count: int):
-    """items × tags CSR per split (Last.fm weights; a song takes the max weight over its tracks)."""
+def _tag_matrices(run: StageRun, tracks: pa.Table, item_index: pa.Table, item_split: np.ndarray, min_count: int,
+                  min_weight: int):
+    """items × tags CSR per split (Last.fm weights; a song takes the max weight over its tracks).
+    Tags weighted below ``min_weight`` stay in the canonical tags but not in the matrix (a
+    weight-0 Last.fm tag would otherwise be an explicit zero the WMF cannot take)."""
     storage = run.storage
     tags = TAGS.read_or_empty(storage)  # empty when the catalog has no tags
+    light = pc.less(tags["weight"], min_weight)
+    below = int(pc.sum(light).as_py() or 0)
+    if below:
+        tags = tags.filter(pc.invert(light))
     song_of = lookup(pa.table({"track_id": tracks["track_id"], "idx": pa.array(np.arange(tracks.num_rows, dtype=np.int32))}),
                      tags["track_id"].combine_chunks(), id_column="track_id")
     known = song_of >= 0
@@ -243,4 +252,4 @@ def _tag_matrices(run: StageRun, tracks: pa.Table, item_index: pa.Table, item_sp
         f = run.part_uri(EXPORTS, f"item_tags_{name}.npz")
         storage.write_bytes(f, save_npz_bytes(m))
         files.append(f)
-    return tag_index, files, {"tag_pairs": int(keep.sum())}
+    return tag_index, files, {"tag_pairs": int(keep.sum()), "tags_below_min_weight": below}

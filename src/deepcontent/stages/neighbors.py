@@ -17,7 +17,7 @@ from deepcontent.config import Config
 from deepcontent.datasets import vectors
 from deepcontent.embed.similarity import top_k_cosine
 from deepcontent.manifest import log
-from deepcontent.registry import production_version
+from deepcontent.registry import model_registry, production_version
 from deepcontent.stages.base import StageContext, StageResult, StageRun
 
 __all__ = ["STAGE", "run"]
@@ -30,7 +30,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from pyiceberg.expressions import EqualTo
 
     nc, warehouse = cfg.neighbors, ctx.warehouse
-    version = cfg.embed.model_version or production_version(ctx.storage)
+    version = cfg.embed.model_version or production_version(model_registry(cfg, ctx.storage))
     with StageRun(STAGE, cfg, ctx.storage) as run:
         warehouse.ensure_tables(["similar_tracks"])
         outputs = {"table": ".".join(warehouse.identifier("similar_tracks"))}

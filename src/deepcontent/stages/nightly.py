@@ -22,7 +22,7 @@ import time
 
 from deepcontent.config import Config
 from deepcontent.manifest import log
-from deepcontent.registry import production_version
+from deepcontent.registry import model_registry, production_version
 from deepcontent.stages.base import StageContext, StageResult, StageRun
 
 __all__ = ["STAGE", "run"]
@@ -44,7 +44,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     """
     from deepcontent.stages import run_stage
 
-    version = cfg.embed.model_version or production_version(ctx.storage)  # fail before any work
+    version = cfg.embed.model_version or production_version(model_registry(cfg, ctx.storage))  # fail before any work
     t_start = time.perf_counter()
     per_stage: dict[str, dict] = {}
     status = "failed"

@@ -206,6 +206,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
 
     The result is the production model's (``model_version``, ``metrics``) with ``variants``:
     ``{name: {"model_version", "published", "valid_nmse"}}``."""
+    datasets.require_plays(ctx.storage, needed_by="train")
     main = train_model(cfg, ctx, promote=True)
     variants = {}
     for name in cfg.train.variants:
@@ -307,7 +308,11 @@ def _artifact(cfg: Config, data: TrainingData, version: str, best_state: dict) -
         "target_mean": data.target_mean.tolist(), "target_std": data.target_std.tolist(), "state_dict": best_state,
         "spectrograms": {"settings_key": data.settings_key, "sample_rate": cfg.spectrograms.sample_rate,
                          "hop_length": cfg.spectrograms.hop_length, "n_mels": data.n_mels,
-                         "compression": cfg.spectrograms.compression},
+                         "compression": cfg.spectrograms.compression,
+                         # every setting, so audio can be embedded outside the batch job
+                         # (deepcontent.embed_audio); only when they are what the clips used
+                         "mel_settings": (settings.to_dict() if (settings := cfg.spectrograms.mel_settings()).key()
+                                          == data.settings_key else None)},
         "train_config": tc.model_dump(mode="json"),
     }
 

@@ -139,14 +139,26 @@ def write_triplets(storage: Storage, uri: str, songs: Songs, users, *, seed: int
     return n
 
 
-def _lastfm_tags(songs: Songs, seed: int, fraction: float = 0.85) -> dict[int, list[tuple[str, int]]]:
-    """Tags for the subset of songs Last.fm knows (``fraction`` of the catalog)."""
+#: Tags Last.fm lists with weight 0 on many tracks (they barely apply; the real dataset has them).
+ZERO_WEIGHT_TAGS = ("seen live", "favorites", "albums i own")
+
+
+def _lastfm_tags(songs: Songs, seed: int, fraction: float = 0.85,
+                 zero_weight_fraction: float = 0.0) -> dict[int, list[tuple[str, int]]]:
+    """Tags for the subset of songs Last.fm knows (``fraction`` of the catalog); with
+    ``zero_weight_fraction`` that share of them also carries one tag of weight 0, as the real
+    dataset does (drawn from a stream of its own, so the other tags do not change)."""
     rng = np.random.default_rng([seed, 7])
+    zero = np.random.default_rng([seed, 9])
     out = {}
     for i in range(songs.n):
         if rng.random() < fraction:
             tags = tags_for_song(songs.attributes[i], int(songs.community[i]), rng)
             if tags:
+                if zero.random() < zero_weight_fraction:
+                    extra = ZERO_WEIGHT_TAGS[int(zero.integers(len(ZERO_WEIGHT_TAGS)))]
+                    if extra not in {t for t, _ in tags}:
+                        tags = [*tags, (extra, 0)]
                 out[i] = tags
     return out
 
@@ -189,9 +201,10 @@ def _upload_many(storage: Storage, items: list[tuple[str, bytes]], *, workers: i
         list(pool.map(lambda c: _upload_batch(storage, c), chunks))
 
 
-def write_lastfm_db(storage: Storage, uri: str, songs: Songs, tags: dict[int, list]) -> None:
+def write_lastfm_db(storage: Storage, uri: str, songs: Songs, tags: dict[int, list], *, dangling: int = 0) -> None:
     """The Last.fm dataset's SQLite layout: ``tids(tid)``, ``tags(tag)``, ``tid_tag(tid, tag, val)``
-    where ``tid_tag.tid``/``tag`` are ROWIDs of the first two tables."""
+    where ``tid_tag.tid``/``tag`` are ROWIDs of the first two tables; ``dangling`` extra
+    ``tid_tag`` rows name ROWIDs that have no row (as a damaged copy of the dataset would)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "lastfm_tags.db")
         con = sqlite3.connect(path)
@@ -204,6 +217,10 @@ def write_lastfm_db(storage: Storage, uri: str, songs: Songs, tags: dict[int, li
                 if tag not in tag_rowid:
                     tag_rowid[tag] = con.execute("INSERT INTO tags VALUES (?)", (tag,)).lastrowid
                 con.execute("INSERT INTO tid_tag VALUES (?, ?, ?)", (tid_row, tag_rowid[tag], float(w)))
+        for k in range(dangling):  # alternately a missing track and a missing tag
+            n_tids, n_tags = len(tags), len(tag_rowid)
+            row = (n_tids + 1000 + k, 1, 50.0) if k % 2 == 0 else (1, n_tags + 1000 + k, 50.0)
+            con.execute("INSERT INTO tid_tag VALUES (?, ?, ?)", row)
         con.execute("CREATE INDEX idx_tid_tag_tid ON tid_tag(tid)")
         con.commit()
         con.close()
@@ -278,12 +295,12 @@ def generate(cfg: Config, storage: Storage) -> dict:
     n_tagged = 0
     if s.lastfm_format != "none":
         with manifest.timed("lastfm"):
-            tags = _lastfm_tags(songs, s.seed)
+            tags = _lastfm_tags(songs, s.seed, zero_weight_fraction=s.zero_weight_tag_fraction)
             n_tagged = len(tags)
             if s.lastfm_format in ("json", "both"):
                 write_lastfm_json(storage, raw(cfg.sources.lastfm_json), songs, tags, seed=s.seed, workers=workers)
             if s.lastfm_format in ("db", "both"):
-                write_lastfm_db(storage, raw(cfg.sources.lastfm_db), songs, tags)
+                write_lastfm_db(storage, raw(cfg.sources.lastfm_db), songs, tags, dangling=s.dangling_tag_rows)
         log.info("generate: wrote Last.fm tags for %d tracks (%s)", n_tagged, s.lastfm_format)
     audio_bytes = 0
     if s.audio:
