@@ -186,3 +186,36 @@ def test_no_file_in_infra_holds_a_literal_secret():
             text = path.read_text()
             for pattern in LITERAL_SECRETS:
                 assert not pattern.search(text), f"{path.relative_to(REPO)}: {pattern.pattern}"
+
+
+RAYJOBS = [p for p in MANIFESTS if p.name.startswith("rayjob-")]
+
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_rayjob_job_api_is_not_open_to_the_pod_network(path):
+    """The job API is code execution with the job's S3 keys: bound to the pod's address, behind
+    token auth, and every Ray pod and the submitter carry the label the NetworkPolicy admits."""
+    doc = _docs(path)[0]
+    cluster = doc["spec"]["rayClusterSpec"]
+    assert cluster.get("authOptions", {}).get("mode") == "token", path.name
+    host = cluster["headGroupSpec"]["rayStartParams"].get("dashboard-host")
+    assert host == "$MY_POD_IP", f"{path.name}: dashboard-host {host!r}"
+    assert "0.0.0.0" not in path.read_text()
+    templates = [cluster["headGroupSpec"]["template"], doc["spec"]["submitterPodTemplate"]]
+    templates += [g["template"] for g in cluster.get("workerGroupSpecs", [])]
+    for t in templates:
+        assert t["metadata"]["labels"]["app.kubernetes.io/name"] == "deepcontent", path.name
+
+
+def test_network_policy_admits_only_the_jobs_pods_to_the_ray_control_plane():
+    docs = _docs(INFRA / "k8s" / "policies" / "networkpolicy-ray.yaml")
+    assert len(docs) == 1 and docs[0]["kind"] == "NetworkPolicy"
+    spec = docs[0]["spec"]
+    assert spec["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
+    assert spec["policyTypes"] == ["Ingress"]
+    job_api = [r for r in spec["ingress"] if any(p["port"] == 8265 for p in r["ports"])]
+    assert len(job_api) == 1
+    assert job_api[0]["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "deepcontent"}}}]
+    namespaces = {doc["metadata"]["namespace"] for p in RAYJOBS for doc in _docs(p)}
+    assert namespaces == {docs[0]["metadata"]["namespace"]}
+    assert "networkpolicy-ray.yaml" in (INFRA / "README.md").read_text()

@@ -298,8 +298,14 @@ def test_wrong_column_type_names_table_and_column(warehouse):
 
 def test_read_with_filter(warehouse):
     warehouse.append("embeddings", embeddings([("T1", "v1", [1], [1]), ("T1", "v2", [2], [2])]), run_id="r")
-    got = warehouse.read("embeddings", "model_version = 'v2'")
+    from pyiceberg.expressions import EqualTo
+
+    got = warehouse.read("embeddings", EqualTo("model_version", "v2"))
     assert got.column("predicted_factors").to_pylist() == [[2.0]]
+    # A value is a literal, never SQL: an injected OR matches nothing, and strings are refused.
+    assert warehouse.read("embeddings", EqualTo("model_version", "v2' OR '1'='1")).num_rows == 0
+    with pytest.raises(WarehouseError, match="pyiceberg expression"):
+        warehouse.read("embeddings", "model_version = 'v2' OR model_version = 'v1'")
     assert warehouse.read("embeddings", columns=["track_id"]).column_names == ["track_id"]
 
 

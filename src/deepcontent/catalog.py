@@ -84,11 +84,12 @@ class SourceTable:
 
     # ------------------------------------------------------------------ what it is
     def fingerprint(self) -> list[tuple[str, str]]:
-        """What identifies the source's current content: ``(uri, size)`` of each file, or the
-        Iceberg table's metadata location (new with every commit)."""
+        """What identifies the source's current content: ``(uri, version)`` of each file (its
+        ETag, else size and modification time), or the Iceberg table's metadata location (new
+        with every commit)."""
         if self.format == "iceberg":
             return [(self.uri, self._iceberg().metadata_location)]
-        return [(f, str(self.storage.size(f))) for f in self.files()]
+        return [(f, self.storage.info(f).version) for f in self.files()]
 
     def files(self) -> list[str]:
         """Parquet / CSV files (a single file, or every ``*.parquet`` under a folder), or the

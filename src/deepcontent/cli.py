@@ -21,6 +21,7 @@ from typing import Callable
 
 from deepcontent.config import Config, ConfigError, load_config
 from deepcontent.manifest import log, setup_logging
+from deepcontent.redact import redact, redact_text
 from deepcontent.stages import PIPELINE, STAGES
 
 
@@ -230,15 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides=args.overrides)
     except ConfigError as exc:
-        print(f"deepcontent: {exc}", file=sys.stderr)
+        print(redact_text(f"deepcontent: {exc}"), file=sys.stderr)
         return 2
     fn, _ = COMMANDS[args.command]
     try:
         result = fn(cfg, args)
     except Exception as exc:  # one clear line for users; the traceback at debug level
         log.debug("traceback", exc_info=True)
-        print(f"deepcontent {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(redact_text(f"deepcontent {args.command}: failed: {type(exc).__name__}: {exc}"), file=sys.stderr)
         return 1
+    result = redact(json.loads(json.dumps(result, default=str)))  # what is printed carries no secret
     if args.command == "pipeline" and not args.json:
         _print_pipeline(result)
     elif not args.json:

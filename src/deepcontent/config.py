@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from deepcontent.audio.settings import MEL_FIELDS, MelSettings
 from deepcontent.errors import ConfigError
+from deepcontent.redact import looks_secret, redact, redact_text, register_secret
 
 __all__ = ["Config", "ConfigError", "PlaysSource", "TableSource", "load_config", "parse_overrides"]
 
@@ -61,6 +62,10 @@ class StorageConfig(_Section):
     embedded_s3_dir: str = ".deepcontent/s3"
     # Raw inputs (the catalog as published) live under this prefix of root.
     raw_prefix: str = "raw"
+    # Unreferenced data files younger than this are never swept (a run in flight stages them).
+    sweep_grace_s: float = Field(default=6 * 3600.0, ge=0)
+    # A publish lock (stores without conditional writes) older than this is a dead writer's.
+    lock_lease_s: float = Field(default=60.0, gt=0)
 
     @field_validator("root")
     @classmethod
@@ -214,6 +219,9 @@ class SynthConfig(_Section):
 class IngestConfig(_Section):
     # Bytes per Spark task when splitting large line-oriented files.
     chunk_bytes: int = 64 * 1024 * 1024
+    # A line longer than this is quarantined as line_too_long and never read whole (one giant
+    # line must not exhaust a task); real track-list and triplet lines are ~100 bytes.
+    max_line_bytes: int = Field(1 << 20, ge=64)
     # Objects under the audio prefix with these extensions are not audio (cover art, text,
     # playlists): quarantined as unsupported_format without being read. Any other object is a
     # candidate and its content decides (an unknown extension is decoded like any other).
@@ -250,6 +258,9 @@ class SpectrogramConfig(_Section):
     clips_per_task: int = Field(64, ge=1)
     decode_timeout_s: float = Field(60.0, gt=0)
     decoder_memory_mb: int = 4096
+    # Runs in a row that may fail a clip for a transient reason (timeout, crashed, unreadable)
+    # before it stays quarantined until its audio changes.
+    max_attempts: int = Field(3, ge=1)
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
     # The function run in the isolated decoder process ("module:function").
     compute_fn: str = "deepcontent.audio.features:compute_log_mel"
@@ -540,12 +551,14 @@ class Config(_Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def public_dict(self) -> dict[str, Any]:
-        """The config as plain data with every secret replaced by ``"***"`` (or None)."""
+        """The config as plain data with every secret replaced by ``"***"`` (or None): the
+        S3 keys, any secret-looking key of ``warehouse.properties`` or ``spark.conf``, URL
+        passwords (:func:`deepcontent.redact.redact`)."""
         data = self.model_dump(mode="json")
         for key in ("access_key_id", "secret_access_key"):
             if data["storage"].get(key) is not None:
                 data["storage"][key] = "***"
-        return data
+        return redact(data)
 
 
 def _repo_conf_dir() -> Path:
@@ -650,9 +663,40 @@ def load_config(
     chosen = Path(path) if path is not None else conf_dir / "local.yaml"
     if chosen.resolve() != base_path.resolve():
         data = _deep_merge(data, _load_file_chain(chosen))
-    data = _deep_merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
+    env = dict(os.environ if environ is None else environ)
+    data = _deep_merge(data, _env_overrides(env))
     data = _deep_merge(data, parse_overrides(list(overrides)))
+    _register_secrets(data, env)
     try:
         return Config.model_validate(data)
-    except Exception as exc:  # pydantic's message names the field and the bad value
-        raise ConfigError(f"invalid configuration ({chosen}): {exc}") from None
+    except Exception as exc:  # pydantic's message names the field and the bad value (never a secret's)
+        raise ConfigError(redact_text(f"invalid configuration ({chosen}): {exc}")) from None
+
+
+def _register_secrets(data: Any, env: dict[str, str]) -> None:
+    """Register every secret the config or the environment holds with :mod:`deepcontent.redact`:
+    values under secret-looking keys (whatever their type: a numeric one too), passwords in URLs,
+    the ``AWS_*`` keys and the catalog password variable."""
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if looks_secret(key) and not isinstance(value, (dict, list)):
+                    register_secret(value.get_secret_value() if isinstance(value, SecretStr) else value)
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif isinstance(node, str) and "://" in node and "@" in node:
+            from urllib.parse import urlsplit
+
+            try:
+                register_secret(urlsplit(node).password)
+            except ValueError:
+                pass
+
+    walk(data)
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        register_secret(env.get(name))
+    password_env = (data.get("warehouse") or {}).get("catalog_password_env") if isinstance(data, dict) else None
+    if password_env:
+        register_secret(env.get(str(password_env)))

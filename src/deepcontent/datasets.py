@@ -166,6 +166,8 @@ AUDIO_INDEX_SCHEMA = pa.schema([
     _f("track_id", pa.string()), _f("audio_uri", pa.string()), _f("audio_size", pa.int64()),
     _f("audio_modified", pa.string()), _f("audio_sha256", pa.string()), _f("settings_key", pa.string()),
     _f("status", pa.string()), _f("detail", pa.string()), _f("shard", pa.string()), _f("run_id", pa.string()),
+    # How many runs in a row failed this audio version for a transient reason (timeout...).
+    _f("attempts", pa.int32()),
 ])
 
 

@@ -13,7 +13,8 @@ written against those keeps working.
     ├── InputMissingError        a stage's input was never published (names the stage to run)
     ├── QuarantineExceeded       too large a share of a run's input was quarantined
     ├── StorageError             an object-store operation failed (names the URI)
-    │   └── UnsafeKeyError       a key would escape its root
+    │   ├── UnsafeKeyError       a key would escape its root
+    │   └── PublishConflict      another run published the dataset since this run read it
     ├── WarehouseError           an Iceberg catalog or table operation failed
     │   └── WarehouseSchemaError incoming data does not fit a table's schema
     ├── TrainingDataError        the inputs cannot make a training set
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "DeepcontentError",
     "InputMissingError",
+    "PublishConflict",
     "QuarantineExceeded",
     "StageError",
     "StorageError",
@@ -65,6 +67,12 @@ class StorageError(DeepcontentError, RuntimeError):
 
 class UnsafeKeyError(DeepcontentError, ValueError):
     """A key would escape its root (``..``, absolute path, NUL byte, backslash)."""
+
+
+class PublishConflict(StorageError):
+    """Another run published a dataset after this run read the version it builds on: this
+    run's version was not published (its staged files stay until swept) and a re-run builds on
+    the winner's output. The message names the dataset and both generations."""
 
 
 class WarehouseError(DeepcontentError, RuntimeError):

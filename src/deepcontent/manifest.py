@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -20,16 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from deepcontent import __version__
+from deepcontent.redact import RedactingFilter, redact, redact_text  # noqa: F401 - redact_text re-exported
 
 log = logging.getLogger("deepcontent")
 
-# ``scheme://user:password@host``: the password of a URL (a catalog URI, an endpoint).
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]+:)(?P<password>[^\s@/]+)@")
-
-
-def redact_text(text: str) -> str:
-    """``text`` with URL passwords replaced by ``***`` (for errors and manifests)."""
-    return _URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -38,6 +31,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.addFilter(RedactingFilter())  # no log line carries a secret
         root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
@@ -95,7 +89,7 @@ class RunManifest:
         self.status = status
         self.finished_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         uri = storage.uri("runs", self.stage, f"{self.run_id}.json")
-        storage.write_json(uri, self.to_dict())
+        storage.write_json(uri, redact(self.to_dict()))
         return uri
 
 

@@ -16,8 +16,25 @@ A *dataset* is a prefix holding ``data/<run_id>/part-*.parquet`` files and one p
 ``_published.json`` naming the files of the current version. Tasks write their part files under
 a fresh run id (invisible to readers, who only follow the pointer); the driver then writes the
 pointer once (a single PUT on S3, an atomic rename on a filesystem). A crashed or retried run
-therefore never leaves half an output visible, and its orphaned files are swept by the next
-successful publish of the same dataset.
+therefore never leaves half an output visible.
+
+Every pointer carries a *generation* (1, 2, 3...) and publishing has one winner:
+
+* on a filesystem the pointer is replaced under an exclusive ``flock`` of ``_lock`` (the kernel
+  releases it when a process dies);
+* on an S3 server that honours conditional writes (probed once per endpoint: AWS, MinIO) the
+  pointer is written with ``If-Match`` on the ETag it was read with (``If-None-Match: *`` for
+  the first version), so of two writers exactly one succeeds;
+* on a server that ignores them (``rclone serve s3``) a lease object ``_lock`` is taken first:
+  written with a unique token, read back after a settle delay, held only while its token is
+  there, and broken once older than its lease by the server's own clock.
+
+A publisher may say which generation it built on (``expected_generation``); when another run
+published meanwhile it gets :class:`~deepcontent.errors.PublishConflict` and nothing is written.
+History is ``_history/<generation>-<run_id>.json``, ordered by generation (never by a clock).
+The sweep after a publish deletes only data files that no kept version names *and* that are
+older than ``sweep_grace_s`` by the store's clock (another run's staged parts are younger), and
+skips anything it cannot parse. Readers that lose a race with a sweep re-read the pointer.
 """
 
 from __future__ import annotations
@@ -25,10 +42,12 @@ from __future__ import annotations
 import configparser
 import io
 import json
+import logging
 import os
 import posixpath
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -42,12 +61,16 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from deepcontent.errors import StorageError, UnsafeKeyError  # noqa: E402
+from deepcontent.errors import PublishConflict, StorageError, UnsafeKeyError  # noqa: E402
 
 if TYPE_CHECKING:
     from deepcontent.config import StorageConfig
 
 POINTER = "_published.json"
+LOCK = "_lock"
+# Unreferenced data files younger than this (by the store's clock) are never swept: they may
+# be the staged parts of a run still in flight. Six hours covers the longest stage we run.
+SWEEP_GRACE_S = 6 * 3600.0
 
 
 def safe_key(key: str) -> str:
@@ -111,6 +134,14 @@ class ObjectInfo:
     size: int
     # Last-modified time as an ISO-8601 string (None when the store does not say).
     modified: str | None = None
+    # The store's content tag (an S3 ETag); None on a filesystem.
+    etag: str | None = None
+
+    @property
+    def version(self) -> str:
+        """What changes when the object's content does: the ETag where the store gives one,
+        else size and modification time (nanoseconds on a filesystem)."""
+        return self.etag or f"{self.size}@{self.modified}"
 
 
 @dataclass(frozen=True)
@@ -136,7 +167,18 @@ def _credentials_from_file(path: str, profile: str) -> Credentials | None:
 
 
 def resolve_credentials(cfg: "StorageConfig") -> Credentials | None:
-    """Explicit config secret > credentials file > ``AWS_*`` environment > None (SDK default chain)."""
+    """Explicit config secret > credentials file > ``AWS_*`` environment > None (SDK default chain).
+    The keys found are registered for redaction (:mod:`deepcontent.redact`)."""
+    creds = _resolve_credentials(cfg)
+    if creds is not None:
+        from deepcontent.redact import register_secret
+
+        register_secret(creds.access_key_id)
+        register_secret(creds.secret_access_key)
+    return creds
+
+
+def _resolve_credentials(cfg: "StorageConfig") -> Credentials | None:
     if cfg.access_key_id is not None and cfg.secret_access_key is not None:
         return Credentials(cfg.access_key_id.get_secret_value(), cfg.secret_access_key.get_secret_value())
     if cfg.credentials_file:
@@ -171,19 +213,26 @@ class Storage:
         endpoint_url: str | None = None,
         region: str = "us-east-1",
         credentials: Credentials | None = None,
+        sweep_grace_s: float = SWEEP_GRACE_S,
+        lock_lease_s: float = 60.0,
+        lock_settle_s: float = 0.25,
     ) -> None:
         split_uri(root)  # validate early, with the URI in the message
         self.root = root.rstrip("/")
         self.endpoint_url = endpoint_url
         self.region = region
         self._credentials = credentials
+        self.sweep_grace_s = float(sweep_grace_s)
+        self.lock_lease_s = float(lock_lease_s)
+        self.lock_settle_s = float(lock_settle_s)
         self._pafs: pafs.FileSystem | None = None
         self._local: pafs.FileSystem | None = None
         self._boto = None
 
     @classmethod
     def from_config(cls, cfg: "StorageConfig") -> "Storage":
-        return cls(cfg.root, endpoint_url=cfg.endpoint_url, region=cfg.region, credentials=resolve_credentials(cfg))
+        return cls(cfg.root, endpoint_url=cfg.endpoint_url, region=cfg.region, credentials=resolve_credentials(cfg),
+                   sweep_grace_s=cfg.sweep_grace_s, lock_lease_s=cfg.lock_lease_s)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -196,7 +245,8 @@ class Storage:
     def with_root(self, root: str) -> "Storage":
         """The same store (endpoint, region, credentials) under another root: another
         catalog's registry, another bucket."""
-        return Storage(root, endpoint_url=self.endpoint_url, region=self.region, credentials=self._credentials)
+        return Storage(root, endpoint_url=self.endpoint_url, region=self.region, credentials=self._credentials,
+                       sweep_grace_s=self.sweep_grace_s, lock_lease_s=self.lock_lease_s, lock_settle_s=self.lock_settle_s)
 
     # ----------------------------------------------------------------- clients
     def _s3fs(self) -> pafs.FileSystem:
@@ -304,6 +354,25 @@ class Storage:
             raise StorageError(f"object not found: {uri}")
         return int(info.size)
 
+    def info(self, uri: str) -> ObjectInfo:
+        """Size, modification time and (on S3) ETag of one object."""
+        scheme, path = split_uri(uri)
+        if scheme == "file":
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise StorageError(f"object not found: {uri}") from None
+            return ObjectInfo(uri, st.st_size, _iso_ns(st.st_mtime_ns))
+        bucket, _, key = path.partition("/")
+        try:
+            head = self.boto_client().head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            if _status(exc) == 404:
+                raise StorageError(f"object not found: {uri}") from None
+            raise StorageError(f"cannot stat {uri}: {exc}") from None
+        return ObjectInfo(uri, int(head["ContentLength"]), head["LastModified"].isoformat(),
+                          (head.get("ETag") or "").strip('"') or None)
+
     def exists(self, uri: str) -> bool:
         fs, path = self.filesystem(uri)
         return fs.get_file_info(path).type == pafs.FileType.File
@@ -354,9 +423,11 @@ class Storage:
             for dirpath, _, files in os.walk(base):
                 for name in files:
                     full = os.path.join(dirpath, name)
-                    st = os.stat(full)
-                    modified = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(st.st_mtime)) + f".{st.st_mtime_ns % 10**9:09d}Z"
-                    out.append(ObjectInfo("file://" + full, st.st_size, modified))
+                    try:
+                        st = os.stat(full)
+                    except FileNotFoundError:  # a temp file renamed or a part swept meanwhile
+                        continue
+                    out.append(ObjectInfo("file://" + full, st.st_size, _iso_ns(st.st_mtime_ns)))
         else:
             bucket, _, key_prefix = path.partition("/")
             if key_prefix and not key_prefix.endswith("/"):
@@ -366,7 +437,8 @@ class Storage:
                 for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix):
                     for obj in page.get("Contents", []):
                         modified = obj["LastModified"].isoformat() if obj.get("LastModified") else None
-                        out.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), modified))
+                        out.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), modified,
+                                              (obj.get("ETag") or "").strip('"') or None))
             except Exception as exc:
                 if "NoSuchBucket" in str(exc):
                     return []
@@ -403,6 +475,21 @@ class Storage:
 
     def delete_prefix(self, prefix_uri: str) -> int:
         return self.delete(o.uri for o in self.list(prefix_uri))
+
+    def sweep_prefix(self, prefix_uri: str, *, own: str | None = None) -> int:
+        """Delete everything under ``own`` (a run's own scratch) and whatever else under
+        ``prefix_uri`` is older than ``sweep_grace_s`` (left by killed runs; a run in flight
+        writes younger files). Age is judged by the store's clock: against the newest object
+        listed. Returns how many objects were deleted."""
+        listed = self.list(prefix_uri)
+        stamps = [t for t in (_parse_iso(o.modified) for o in listed) if t is not None]
+        if not stamps:
+            return 0
+        old = max(stamps) - self.sweep_grace_s
+        own_prefix = own.rstrip("/") + "/" if own else None
+        doomed = [o.uri for o in listed if (own_prefix and o.uri.startswith(own_prefix))
+                  or (_parse_iso(o.modified) or old + 1) <= old]
+        return self.delete(doomed)
 
     # ----------------------------------------------------------------- parquet
     def write_parquet(self, table: pa.Table, uri: str, *, compression: str = "zstd", row_group_size: int | None = None) -> int:
@@ -451,10 +538,11 @@ class Storage:
 
     def published(self, dataset_uri: str) -> dict | None:
         """The current pointer of a dataset, or None if it was never published."""
-        uri = join(dataset_uri, POINTER)
-        if not self.exists(uri):
-            return None
-        return self.read_json(uri)
+        return self._read_pointer(dataset_uri)[0]
+
+    def generation(self, dataset_uri: str) -> int:
+        """The published generation of a dataset (0 when never published)."""
+        return pointer_generation(self.published(dataset_uri))
 
     def published_files(self, dataset_uri: str) -> list[str]:
         pointer = self.published(dataset_uri)
@@ -465,13 +553,20 @@ class Storage:
     def read_dataset(self, dataset_uri: str, *, columns: list[str] | None = None, schema: pa.Schema | None = None,
                      filters=None) -> pa.Table:
         """Read the published version of a dataset (empty table with ``schema`` if no files);
-        ``filters`` as in :meth:`read_parquet`."""
-        files = self.published_files(dataset_uri)
-        if not files:
-            if schema is None:
-                raise StorageError(f"dataset {dataset_uri} is published with no files and no schema was given")
-            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-        return self.read_parquet(files, columns=columns, filters=filters)
+        ``filters`` as in :meth:`read_parquet`. A reader whose version was swept while it read
+        (it opened the pointer three publishes ago) re-reads the pointer and tries again."""
+        for attempt in range(4):
+            files = self.published_files(dataset_uri)
+            if not files:
+                if schema is None:
+                    raise StorageError(f"dataset {dataset_uri} is published with no files and no schema was given")
+                return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+            try:
+                return self.read_parquet(files, columns=columns, filters=filters)
+            except StorageError:
+                if attempt == 3 or self.published_files(dataset_uri) == files:
+                    raise
+        raise AssertionError("unreachable")
 
     def read_published(self, dataset_uri: str, *, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
         """The published version of a dataset, or an empty ``schema`` table if it never was
@@ -481,33 +576,206 @@ class Storage:
             return empty if columns is None else empty.select(columns)
         return self.read_dataset(dataset_uri, columns=columns, schema=schema)
 
-    def publish(self, dataset_uri: str, *, run_id: str, files: list[str], meta: dict | None = None, keep_versions: int = 2) -> dict:
+    def publish(self, dataset_uri: str, *, run_id: str, files: list[str], meta: dict | None = None,
+                keep_versions: int = 2, expected_generation: int | None = None) -> dict:
         """Make ``files`` (URIs under the dataset) the dataset's current version in one write.
 
-        Older versions beyond ``keep_versions`` and files of runs that never published are
-        deleted afterwards (a reader that opened the previous pointer keeps working)."""
+        ``expected_generation`` is the generation the caller built this version on (0: it saw
+        no version); when the dataset has moved on, :class:`~deepcontent.errors.PublishConflict`
+        is raised and nothing is written. Without it the publish goes on top of whatever is
+        current (for datasets re-derived whole, where the last writer may win). Of concurrent
+        publishers exactly one writes each generation. Afterwards versions beyond
+        ``keep_versions`` and unreferenced files older than the grace period are swept (a
+        reader that opened the previous pointer keeps working)."""
         rel = sorted(relative_key(dataset_uri, f) for f in files)
-        pointer = {
-            "run_id": run_id,
-            "files": rel,
-            "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **(meta or {}),
-        }
-        history_uri = join(dataset_uri, "_history", f"{int(time.time() * 1000):015d}-{safe_key(run_id)}.json")
-        self.write_json(history_uri, pointer)
-        self.write_json(join(dataset_uri, POINTER), pointer)
+        body = {"run_id": run_id, "files": rel, **(meta or {})}
+        with self._publish_lock(dataset_uri) as conditional:
+            for _ in range(50):
+                current, etag = self._read_pointer(dataset_uri)
+                gen = pointer_generation(current)
+                if expected_generation is not None and gen != expected_generation:
+                    raise PublishConflict(
+                        f"{dataset_uri} is at generation {gen} (run {current.get('run_id') if current else None}), "
+                        f"but run {run_id} built its version on generation {expected_generation}: another run "
+                        f"published it meanwhile; nothing was published (re-run to build on the current version)")
+                pointer = {**body, "generation": gen + 1,
+                           "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                if self._write_pointer(dataset_uri, pointer, etag=etag if conditional else None,
+                                       create=conditional and current is None):
+                    break
+                time.sleep(0.01 + 0.05 * (uuid.uuid4().int % 100) / 100)  # lost a conditional write
+            else:
+                raise PublishConflict(f"{dataset_uri}: kept losing the pointer write to other publishers (run {run_id})")
+            self.write_json(join(dataset_uri, "_history", f"{gen + 1:012d}-{safe_key(run_id)}.json"), pointer)
         self._sweep(dataset_uri, keep_versions)
         return pointer
 
+    # -- pointer I/O
+    def _read_pointer(self, dataset_uri: str) -> tuple[dict | None, str | None]:
+        """``(pointer or None, its ETag or None)``."""
+        uri = join(dataset_uri, POINTER)
+        scheme, path = split_uri(uri)
+        if scheme == "file":
+            try:
+                with open(path, "rb") as f:
+                    return json.loads(f.read()), None
+            except FileNotFoundError:
+                return None, None
+        bucket, _, key = path.partition("/")
+        try:
+            obj = self.boto_client().get_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            if _status(exc) == 404 or "NoSuchKey" in str(exc) or "NoSuchBucket" in str(exc):
+                return None, None
+            raise StorageError(f"cannot read {uri}: {exc}") from None
+        return json.loads(obj["Body"].read()), (obj.get("ETag") or "").strip('"') or None
+
+    def _write_pointer(self, dataset_uri: str, pointer: dict, *, etag: str | None, create: bool) -> bool:
+        """Write the pointer; with ``etag``/``create`` only if it is still the version read
+        (False when another writer got there first)."""
+        uri = join(dataset_uri, POINTER)
+        data = json.dumps(pointer, indent=2, sort_keys=True, default=str).encode()
+        if etag is None and not create:
+            self.write_bytes(uri, data)
+            return True
+        bucket, _, key = split_uri(uri)[1].partition("/")
+        cond = {"IfNoneMatch": "*"} if create else {"IfMatch": f'"{etag}"'}
+        try:
+            self.boto_client().put_object(Bucket=bucket, Key=key, Body=data, **cond)
+        except Exception as exc:
+            if _status(exc) in (409, 412):
+                return False
+            raise StorageError(f"cannot write {uri}: {exc}") from None
+        return True
+
+    # -- one writer at a time
+    @contextmanager
+    def _publish_lock(self, dataset_uri: str) -> Iterator[bool]:
+        """Hold the dataset's publish lock; yields True when the store's conditional writes
+        make a lock unnecessary."""
+        scheme, path = split_uri(dataset_uri)
+        if scheme == "file":
+            import fcntl
+
+            os.makedirs(path, exist_ok=True)
+            with open(os.path.join(path, LOCK), "a+b") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                try:
+                    yield False
+                finally:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return
+        if self.conditional_writes():
+            yield True
+            return
+        with self._lease(join(dataset_uri, LOCK)):
+            yield False
+
+    def conditional_writes(self) -> bool:
+        """Whether this S3 endpoint honours ``If-None-Match`` on PUT (probed once per process
+        and endpoint by creating one object twice)."""
+        key = ("conditional", self.endpoint_url, self.root.split("/")[2] if self.root.startswith("s3://") else "")
+        if key not in _PROBES:
+            probe = self.uri("_probe", f"conditional-{uuid.uuid4().hex}")
+            bucket, _, k = split_uri(probe)[1].partition("/")
+            client = self.boto_client()
+            self.ensure_root()
+            try:
+                client.put_object(Bucket=bucket, Key=k, Body=b"1", IfNoneMatch="*")
+                try:
+                    client.put_object(Bucket=bucket, Key=k, Body=b"2", IfNoneMatch="*")
+                    _PROBES[key] = False  # the second create went through: conditions ignored
+                except Exception as exc:
+                    _PROBES[key] = _status(exc) in (409, 412)
+            except Exception:
+                _PROBES[key] = False
+            finally:
+                try:
+                    client.delete_object(Bucket=bucket, Key=k)
+                except Exception:
+                    pass
+        return _PROBES[key]
+
+    @contextmanager
+    def _lease(self, lock_uri: str, *, timeout_s: float = 600.0) -> Iterator[None]:
+        """A lease lock on a store without conditional writes: write a token, wait
+        ``lock_settle_s``, read it back; ours only if our token is still there. A lock older
+        than ``lock_lease_s`` (by the server's clock) belongs to a dead writer and is broken."""
+        token = f"{os.getpid()}-{uuid.uuid4().hex}"
+        bucket, _, key = split_uri(lock_uri)[1].partition("/")
+        client = self.boto_client()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if time.monotonic() > deadline:
+                raise StorageError(f"could not take the publish lock {lock_uri} within {timeout_s:.0f}s")
+            try:
+                head = client.head_object(Bucket=bucket, Key=key)
+                age = _server_age_s(head)
+                if age is not None and age > self.lock_lease_s:
+                    log_storage.warning("breaking the publish lock %s, %.0fs old (a writer died holding it)", lock_uri, age)
+                    client.delete_object(Bucket=bucket, Key=key)
+                    continue
+                time.sleep(0.02 + 0.08 * (uuid.uuid4().int % 100) / 100)
+                continue
+            except Exception as exc:
+                if _status(exc) != 404:
+                    raise StorageError(f"cannot read the publish lock {lock_uri}: {exc}") from None
+            client.put_object(Bucket=bucket, Key=key, Body=token.encode())
+            time.sleep(self.lock_settle_s)
+            try:
+                held = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode() == token
+            except Exception:
+                held = False
+            if held:
+                break
+        try:
+            yield
+        finally:
+            try:
+                if client.get_object(Bucket=bucket, Key=key)["Body"].read().decode() == token:
+                    client.delete_object(Bucket=bucket, Key=key)
+            except Exception:
+                pass
+
+    # -- sweep
     def _sweep(self, dataset_uri: str, keep_versions: int) -> None:
-        """Delete data files no kept version references (files of older runs that a cumulative
-        dataset still points at survive; orphans of runs that never published do not)."""
-        history = sorted(o.uri for o in self.list(join(dataset_uri, "_history")))
-        keep = set()
-        for uri in history[-keep_versions:]:
-            keep.update(join(dataset_uri, f) for f in self.read_json(uri)["files"])
-        self.delete(o.uri for o in self.list(join(dataset_uri, "data")) if o.uri not in keep)
-        self.delete(history[:-keep_versions])
+        """Delete data files no kept version references, once older than the grace period
+        (files of older runs that a cumulative dataset still points at survive; staged parts of
+        a run in flight are younger than the grace period; orphans of crashed runs go)."""
+        history = []
+        for o in self.list(join(dataset_uri, "_history")):
+            name = posix_basename(o.uri)
+            gen = name.split("-", 1)[0]
+            if ".tmp-" in name or not name.endswith(".json") or not gen.isdigit():
+                continue  # a temp file of a writer in flight, or something not ours
+            # Generation-named entries (12 digits) sort after the old millisecond-named ones.
+            history.append(((len(gen) == 12, int(gen)), o.uri))
+        history.sort()
+        keep: set[str] = set()
+        current = self.published(dataset_uri)
+        live = [current] if current else []
+        for _, uri in history[-keep_versions:]:
+            try:
+                live.append(self.read_json(uri))
+            except (StorageError, ValueError):
+                continue
+        for pointer in live:
+            keep.update(join(dataset_uri, f) for f in pointer.get("files", []))
+        if current is None:
+            return
+        # "Now" by the store's clock: the newest of what it lists (the history entry just
+        # written is among them) and the pointer; a publisher's own clock plays no part.
+        data = self.list(join(dataset_uri, "data"))
+        stamps = [_parse_iso(o.modified) for o in data] + [_parse_iso(self.info(join(dataset_uri, POINTER)).modified)]
+        stamps += [_parse_iso(o.modified) for o in self.list(join(dataset_uri, "_history"))]
+        stamps = [t for t in stamps if t is not None]
+        if not stamps:
+            return
+        now = max(stamps)
+        old = now - self.sweep_grace_s
+        stale = [o.uri for o in data if o.uri not in keep and (_parse_iso(o.modified) or now) <= old]
+        self.delete(stale)
+        self.delete(uri for _, uri in history[:-keep_versions])
 
     def read_line_range(self, uri: str, start: int, end: int, *, probe: int = 1 << 16) -> tuple[int, bytes]:
         """The whole lines whose first byte lies in ``[start, end)`` of a line-oriented object.
@@ -534,6 +802,76 @@ class Storage:
             stop = next_newline(end - 1)
             return begin, f.read_at(stop - begin, begin)
 
+    def read_line_segments(self, uri: str, start: int, end: int, *, max_line_bytes: int,
+                           probe: int = 1 << 16) -> tuple[list[tuple[int, bytes]], list[int]]:
+        """Like :meth:`read_line_range`, but never holding more than the range plus
+        ``max_line_bytes``: returns ``(segments, too_long)``, where ``segments`` are
+        ``(offset, bytes)`` runs of whole lines (newline included) and ``too_long`` the offsets of
+        lines longer than ``max_line_bytes`` (left out, so a caller can quarantine them).
+
+        Consecutive ranges still see every line exactly once: a line belongs to the range its
+        first byte lies in, and a range that holds no line start (it lies inside one giant line)
+        is answered without reading past its end."""
+        with self.open_input(uri) as f:
+            size = f.size()
+            stop_at = min(end, size)
+
+            def find_newline(pos: int, limit: int) -> int | None:
+                # position just past the first newline in [pos, limit), or None
+                while pos < limit:
+                    buf = f.read_at(min(probe, limit - pos), pos)
+                    i = buf.find(b"\n")
+                    if i >= 0:
+                        return pos + i + 1
+                    pos += len(buf)
+                    if not buf:
+                        break
+                return None
+
+            if start == 0:
+                begin = 0
+            else:
+                found = find_newline(start - 1, stop_at)
+                if found is None:  # no line starts in this range
+                    return [], []
+                begin = found
+            if begin >= stop_at:
+                return [], []
+            data = f.read_at(stop_at - begin, begin)
+            segments: list[tuple[int, bytes]] = []
+            too_long: list[int] = []
+            seg_start, pos = 0, 0
+            while pos < len(data):
+                nl = data.find(b"\n", pos)
+                if nl < 0:  # the last line runs past the range: finish it, up to the cap
+                    line_start = begin + pos
+                    budget_end = min(size, line_start + max_line_bytes + 1)
+                    tail_end = find_newline(stop_at, budget_end) if stop_at < size else None
+                    if tail_end is not None:
+                        line_len = tail_end - line_start - 1
+                    elif stop_at >= size or budget_end >= size:
+                        tail_end, line_len = size, size - line_start  # the object's last line, no newline
+                    else:
+                        line_len = max_line_bytes + 1  # no newline within the cap
+                    if line_len > max_line_bytes:
+                        too_long.append(line_start)
+                        if pos > seg_start:
+                            segments.append((begin + seg_start, data[seg_start:pos]))
+                    else:
+                        rest = f.read_at(tail_end - stop_at, stop_at) if tail_end > stop_at else b""
+                        segments.append((begin + seg_start, data[seg_start:] + rest))
+                    seg_start = len(data)
+                    break
+                if nl - pos > max_line_bytes:
+                    if pos > seg_start:
+                        segments.append((begin + seg_start, data[seg_start:pos]))
+                    too_long.append(begin + pos)
+                    seg_start = nl + 1
+                pos = nl + 1
+            if seg_start < len(data):
+                segments.append((begin + seg_start, data[seg_start:]))
+            return segments, too_long
+
     def iter_lines(self, uri: str, *, block: int = 8 << 20) -> Iterator[bytes]:
         """Stream an object's lines (without newline) in bounded memory."""
         with self.open_input(uri) as f:
@@ -548,6 +886,63 @@ class Storage:
                 yield from lines
             if rest:
                 yield rest
+
+
+def pointer_generation(pointer: dict | None) -> int:
+    """A pointer's generation (0 for none; 1 for a pointer written before generations)."""
+    if pointer is None:
+        return 0
+    return int(pointer.get("generation", 1))
+
+
+_PROBES: dict[tuple, bool] = {}
+log_storage = logging.getLogger("deepcontent.storage")
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status of a botocore error (None for anything else)."""
+    resp = getattr(exc, "response", None) or {}
+    code = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code is None and resp.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+        return 404
+    return int(code) if code is not None else None
+
+
+def _iso_ns(mtime_ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(mtime_ns // 10**9)) + f".{mtime_ns % 10**9:09d}Z"
+
+
+def _parse_iso(text: str | None) -> float | None:
+    """Seconds since the epoch of an ISO-8601 time (``...Z``, ``+00:00``, nanoseconds)."""
+    if not text:
+        return None
+    from datetime import datetime, timezone
+
+    t = text.replace("Z", "+00:00")
+    frac = 0.0
+    if "." in t:
+        head, _, rest = t.partition(".")
+        digits = rest[:len(rest) - len(rest.lstrip("0123456789"))]
+        tz = rest[len(digits):]
+        frac = float("0." + digits) if digits else 0.0
+        t = head + tz
+    try:
+        dt = datetime.fromisoformat(t)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp() + frac
+
+
+def _server_age_s(head: dict) -> float | None:
+    """How old an object is by the server's own clock (its Date header minus LastModified)."""
+    from email.utils import parsedate_to_datetime
+
+    date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if not date or not head.get("LastModified"):
+        return None
+    return (parsedate_to_datetime(date) - head["LastModified"]).total_seconds()
 
 
 def new_run_id(stage: str) -> str:

@@ -48,6 +48,7 @@ from pathlib import Path
 from deepcontent.config import Config, ConfigError, load_config
 from deepcontent.errors import SubmitError
 from deepcontent.manifest import log, setup_logging
+from deepcontent.redact import looks_secret, redact_text
 from deepcontent.stages import STAGES as REGISTRY
 
 # How each registered stage reaches a cluster (deepcontent.stages.Stage.engine).
@@ -138,6 +139,11 @@ def spark_command(stage: str, *, cfg: Config, config_arg: str, overrides: list[s
     """``spark-submit`` for a Spark stage, from ``cfg.spark``."""
     sc = cfg.spark
     conf = dict(sc.conf)
+    secret_keys = sorted(k for k in conf if looks_secret(k))
+    if secret_keys:
+        raise SubmitError(f"refusing to submit: spark.conf {', '.join(secret_keys)} would put a secret on the "
+                          f"spark-submit command line; set it in the cluster's spark-defaults.conf or the "
+                          f"driver's environment instead")
     deploy_mode = conf.pop("spark.submit.deployMode", "client")
     if deploy_mode not in ("client", "cluster"):
         raise SubmitError(f"spark.conf spark.submit.deployMode must be client or cluster, got {deploy_mode!r}")
@@ -260,7 +266,7 @@ def build_submission(stage: str, *, config: str, overrides: list[str], no_wait: 
     environ = dict(os.environ if environ is None else environ)
     for pair in overrides:
         key = pair.split("=", 1)[0].strip()
-        if key in SECRET_OVERRIDES:
+        if key in SECRET_OVERRIDES or looks_secret(key.rsplit(".", 1)[-1]):
             raise SubmitError(f"refusing override {key}: a secret on the command line is visible to every "
                               f"process listing and log; use AWS_* environment variables or storage.credentials_file")
     path = Path(config)
@@ -325,10 +331,10 @@ def main(argv: list[str]) -> int:
                                address=args.address, project_dir=args.project_dir, jobs_dir=args.jobs_dir,
                                python=args.python)
     except (SubmitError, ConfigError) as exc:
-        print(f"deepcontent submit: {exc}", file=sys.stderr)
+        print(redact_text(f"deepcontent submit: {exc}"), file=sys.stderr)
         return getattr(exc, "code", 2)
     if args.dry_run:
-        print(sub.shell())
+        print(redact_text(sub.shell()))
         return 0
     missing = ray_jobs_client_missing() if sub.engine == "ray" else []
     if missing:

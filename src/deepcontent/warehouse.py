@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -66,6 +68,7 @@ from pyiceberg.types import (  # noqa: E402
 
 from deepcontent.datasets import TABLES, Table  # noqa: E402
 from deepcontent.errors import WarehouseError, WarehouseSchemaError  # noqa: E402
+from deepcontent.redact import looks_secret, redact_text, register_secret  # noqa: E402
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -78,7 +81,16 @@ log = logging.getLogger(__name__)
 #: Snapshot-summary property that records which run produced a snapshot.
 RUN_ID_PROPERTY = "deepcontent.run-id"
 
-_COMMIT_ATTEMPTS = 4
+_COMMIT_ATTEMPTS = 8
+# pyiceberg retries a commit that lost a race by re-applying the same rows on top of the
+# winner's snapshot: for an upsert planned against the old snapshot that duplicates keys. The
+# project's own loop re-plans instead, so the library's retry is switched off on every table.
+TABLE_PROPERTIES = {"commit.retry.num-retries": "0"}
+
+
+def _backoff(attempt: int) -> None:
+    """Sleep a little (randomised) before re-planning a commit another writer beat."""
+    time.sleep(min(0.05 * 2 ** attempt, 1.0) * (0.5 + random.random()))
 # Most distinct key values an upsert looks up with an exact In filter (see _probe_filter).
 _IN_LIMIT = 200
 
@@ -348,9 +360,11 @@ class Warehouse:
         elif cfg.type == "glue":
             pass  # Glue is addressed through the AWS account; no catalog URI
         for key, value in cfg.properties.items():
-            if any(word in key.lower() for word in ("secret", "password", "token", "credential")):
+            if looks_secret(key):
                 secrets.append(str(value))
             props[key] = str(value)
+        for secret in secrets:  # masked wherever they might surface: errors, logs, manifests
+            register_secret(secret)
         try:
             if cfg.type == "sql":
                 from pyiceberg.catalog.sql import SqlCatalog
@@ -413,14 +427,18 @@ class Warehouse:
             for name in names:
                 ident = self.identifier(name)
                 if self.catalog.table_exists(ident):
-                    existing = self.catalog.load_table(ident).schema()
+                    tbl = self.catalog.load_table(ident)
+                    existing = tbl.schema()
                     if not _same_schema(existing, TABLE_SCHEMAS[name]):
                         raise WarehouseSchemaError(
                             f"table {name!r} exists in {self.namespace!r} with a schema that differs "
                             f"from the contract:\n{existing}\nexpected:\n{TABLE_SCHEMAS[name]}"
                         )
+                    if any(tbl.properties.get(k) != v for k, v in TABLE_PROPERTIES.items()):
+                        with tbl.transaction() as tx:  # a table made before the property was set
+                            tx.set_properties(TABLE_PROPERTIES)
                     continue
-                self.catalog.create_table_if_not_exists(ident, schema=TABLE_SCHEMAS[name])
+                self.catalog.create_table_if_not_exists(ident, schema=TABLE_SCHEMAS[name], properties=TABLE_PROPERTIES)
                 created.append(name)
         except WarehouseError:
             raise
@@ -433,25 +451,37 @@ class Warehouse:
     def table(self, name: str) -> "Table":
         """The pyiceberg table (freshly loaded, so it sees the latest commit)."""
         ident = self.identifier(name)
-        try:
-            return self.catalog.load_table(ident)
-        except NoSuchTableError:
-            raise WarehouseError(
-                f"warehouse table {'.'.join(ident)} does not exist; run ensure_tables() first"
-            ) from None
-        except Exception as exc:
-            raise self._fail(f"cannot load warehouse table {'.'.join(ident)}", exc) from None
+        for attempt in range(_COMMIT_ATTEMPTS):
+            try:
+                return self.catalog.load_table(ident)
+            except NoSuchTableError:
+                raise WarehouseError(
+                    f"warehouse table {'.'.join(ident)} does not exist; run ensure_tables() first"
+                ) from None
+            except FileNotFoundError as exc:
+                # The catalog names metadata another writer has just written; an object store
+                # may take a moment to show it (read-after-write lag on some servers).
+                if attempt == _COMMIT_ATTEMPTS - 1:
+                    raise self._fail(f"cannot load warehouse table {'.'.join(ident)}", exc) from None
+                _backoff(attempt)
+            except Exception as exc:
+                raise self._fail(f"cannot load warehouse table {'.'.join(ident)}", exc) from None
+        raise AssertionError("unreachable")
 
     def read(
         self,
         name: str,
-        row_filter: str | BooleanExpression | None = None,
+        row_filter: BooleanExpression | None = None,
         *,
         columns: Sequence[str] | None = None,
     ) -> pa.Table:
         """The table's current rows as Arrow (schema :func:`arrow_schema` when all columns).
 
-        ``row_filter`` is a pyiceberg expression or its string form (``"model_version = 'v1'"``)."""
+        ``row_filter`` is a pyiceberg expression (``EqualTo("model_version", version)``). Filter
+        strings are refused: a value spliced into one (``v1' OR '1'='1``) changes its meaning."""
+        if row_filter is not None and not isinstance(row_filter, BooleanExpression):
+            raise WarehouseError(f"read({name!r}): row_filter must be a pyiceberg expression, got "
+                                 f"{type(row_filter).__name__} (build it with pyiceberg.expressions, never a string)")
         tbl = self.table(name)
         try:
             scan = tbl.scan(
@@ -485,20 +515,26 @@ class Warehouse:
         data = conform(name, data)
         if data.num_rows == 0:
             return False
-        for _ in range(_COMMIT_ATTEMPTS):
+        last_error = ""
+        for attempt in range(_COMMIT_ATTEMPTS):
             tbl = self.table(name)
             if run_id in _run_ids(tbl):
                 log.info("table %s already has run %s; append skipped", name, run_id)
                 return False
             try:
                 tbl.append(data, snapshot_properties={RUN_ID_PROPERTY: run_id})
-            except CommitFailedException:
-                continue  # someone else committed first: reload, re-check, retry
+            except (CommitFailedException, OSError) as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                # Someone else committed first, or the store failed a write before the catalog
+                # commit: reload, re-check the run id, retry.
+                _backoff(attempt)
+                continue
             except Exception as exc:
                 raise self._fail(f"cannot append to warehouse table {name!r} (run {run_id})", exc) from None
             log.info("appended %d rows to %s (run %s)", data.num_rows, name, run_id)
             return True
-        raise WarehouseError(f"append to {name!r} (run {run_id}) kept conflicting with concurrent commits")
+        raise WarehouseError(self._redact(f"append to {name!r} (run {run_id}) failed {_COMMIT_ATTEMPTS} times; "
+                                          f"last: {last_error}"))
 
     def replace(self, name: str, parts, *, run_id: str) -> bool:
         """Make the table hold exactly the rows of ``parts``, in one commit tagged ``run_id``.
@@ -511,7 +547,8 @@ class Warehouse:
         table changes nothing and returns False."""
         _check_run_id(run_id)
         make_parts = parts if callable(parts) else (lambda: parts)
-        for _ in range(_COMMIT_ATTEMPTS):
+        last_error = ""
+        for attempt in range(_COMMIT_ATTEMPTS):
             tbl = self.table(name)
             if run_id in _run_ids(tbl):
                 log.info("table %s already has run %s; replace skipped", name, run_id)
@@ -529,7 +566,9 @@ class Warehouse:
                         if data.num_rows:
                             tx.append(data, snapshot_properties=props)
                             rows += data.num_rows
-            except CommitFailedException:
+            except (CommitFailedException, OSError) as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                _backoff(attempt)
                 continue
             except WarehouseError:
                 raise
@@ -537,7 +576,8 @@ class Warehouse:
                 raise self._fail(f"cannot replace warehouse table {name!r} (run {run_id})", exc) from None
             log.info("replaced %s with %d rows (run %s)", name, rows, run_id)
             return True
-        raise WarehouseError(f"replace of {name!r} (run {run_id}) kept conflicting with concurrent commits")
+        raise WarehouseError(self._redact(f"replace of {name!r} (run {run_id}) failed {_COMMIT_ATTEMPTS} times; "
+                                          f"last: {last_error}"))
 
     def upsert(self, name: str, data: pa.Table, *, run_id: str) -> bool:
         """Insert or replace rows by the table's key (:data:`TABLE_KEYS`) in one commit.
@@ -559,7 +599,8 @@ class Warehouse:
         if data.num_rows == 0:
             return False
         _check_unique(name, data, keys)
-        for _ in range(_COMMIT_ATTEMPTS):
+        last_error = ""
+        for attempt in range(_COMMIT_ATTEMPTS):
             tbl = self.table(name)
             try:
                 plan = _plan_upsert(tbl, data, keys)
@@ -573,7 +614,11 @@ class Warehouse:
                         tx.append(rewrite, snapshot_properties=props)
                     else:
                         tx.overwrite(rewrite, overwrite_filter=overwrite_filter, snapshot_properties=props)
-            except CommitFailedException:
+            except (CommitFailedException, OSError) as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                # Another writer committed (or a store write failed before our commit): re-plan
+                # against the current snapshot; rows that landed meanwhile are then unchanged.
+                _backoff(attempt)
                 continue
             except WarehouseError:
                 raise
@@ -581,7 +626,8 @@ class Warehouse:
                 raise self._fail(f"cannot upsert into warehouse table {name!r} (run {run_id})", exc) from None
             log.info("upserted into %s (run %s): %d new, %d changed rows", name, run_id, n_new, n_changed)
             return True
-        raise WarehouseError(f"upsert into {name!r} (run {run_id}) kept conflicting with concurrent commits")
+        raise WarehouseError(self._redact(f"upsert into {name!r} (run {run_id}) failed {_COMMIT_ATTEMPTS} times; "
+                                          f"last: {last_error}"))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -684,10 +730,10 @@ def _same_schema(a: Schema, b: Schema) -> bool:
 
 
 def _redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` through the project's one redaction path, with this catalog's secrets registered."""
     for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+        register_secret(secret)
+    return redact_text(text)
 
 
 def _fileio_properties(storage: Storage, location: str, secrets: list[str]) -> dict[str, str]:

@@ -180,7 +180,8 @@ def test_embed_killed_before_its_commit_changes_nothing_and_the_rerun_completes(
     with warehouse(workdir) as wh:
         assert wh.snapshot_count("embeddings") == snaps and wh.read("embeddings").num_rows == rows
 
-    result = last_json(cli(["embed", "--json", *SETTINGS], workdir))
+    # grace 0: the killed run's staged files count as old (a concurrent run's would be kept)
+    result = last_json(cli(["embed", "--json", *SETTINGS, "storage.sweep_grace_s=0"], workdir))
     assert result["published"] and result["counts"]["embedded"] == 3
     with warehouse(workdir) as wh:
         emb = wh.read("embeddings")

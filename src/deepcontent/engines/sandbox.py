@@ -22,7 +22,6 @@ through it.
 
 from __future__ import annotations
 
-import importlib
 import io
 import multiprocessing as mp
 import signal
@@ -35,6 +34,12 @@ if TYPE_CHECKING:
     from deepcontent.storage import Storage
 
 
+# Failures that say nothing about the audio itself (a slow or overloaded node, a dead decoder
+# process, a store that did not answer): a later run tries the clip again, up to a budget.
+# Every other reason (undecodable, empty, silent, too_long...) is a property of the file.
+TRANSIENT_REASONS: frozenset[str] = frozenset({"timeout", "crashed", "unreadable"})
+
+
 @dataclass(frozen=True)
 class Failure:
     reason: str
@@ -42,11 +47,10 @@ class Failure:
 
 
 def resolve(path: str) -> Callable:
-    """``"package.module:function"`` -> the function."""
-    module, _, name = path.partition(":")
-    if not module or not name:
-        raise ValueError(f"expected 'module:function', got {path!r}")
-    return getattr(importlib.import_module(module), name)
+    """``"package.module:function"`` -> the function (allow-listed: :mod:`deepcontent.hooks`)."""
+    from deepcontent.hooks import resolve_hook
+
+    return resolve_hook(path, field="spectrograms.compute_fn")
 
 
 def _child(conn, fn_path: str, memory_limit_mb: int | None) -> None:

@@ -49,6 +49,7 @@ class Reason(str, Enum):
     BAD_TIMESTAMP = "bad_timestamp"  # a listening event whose time is not a time
     UNSUPPORTED_FORMAT = "unsupported_format"  # an object under the audio prefix that is not audio
     DUPLICATE_AUDIO = "duplicate_audio"  # a second audio object for a track that has one
+    LINE_TOO_LONG = "line_too_long"  # a line longer than ingest.max_line_bytes (not read whole)
 
 
 
@@ -59,6 +60,12 @@ def quarantine_rows(sources: list[str], reason: Reason | str, details: list[str]
          "detail": pa.array(details, pa.string())},
         schema=REJECTED_SCHEMA,
     )
+
+
+def too_long_rows(uri: str, offsets: list[int], max_line_bytes: int) -> pa.Table:
+    """Quarantine rows for lines longer than ``max_line_bytes`` starting at ``offsets`` of ``uri``."""
+    return quarantine_rows([f"{uri}@{o}" for o in offsets], Reason.LINE_TOO_LONG,
+                           [f"line longer than ingest.max_line_bytes={max_line_bytes:,} bytes; not read"] * len(offsets))
 
 
 def empty_quarantine() -> pa.Table:

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from deepcontent import datasets
 from deepcontent.errors import QuarantineExceeded
+from deepcontent.faults import crash_point
 from deepcontent.manifest import RunManifest, log
 from deepcontent.storage import Storage, join, new_run_id
 
@@ -205,6 +206,8 @@ class StageRun:
         self.quarantine_dataset = datasets.quarantine(stage)
         self._rejected: list[pa.Table] = []
         self._quarantine_files: list[str] = []
+        self._generations: dict[str, int] = {}
+        self._committed: list[str] = []
         self._closed = False
         self.t0 = time.perf_counter()
 
@@ -243,11 +246,63 @@ class StageRun:
         self.storage.write_parquet(table, uri, **parquet)
         return uri
 
+    def plan_on(self, *datasets_: "Dataset") -> None:
+        """Record the published generation of datasets this run is about to read and then
+        publish a successor of (a cumulative index, copy-on-write shards): their publish is
+        refused with :class:`~deepcontent.errors.PublishConflict` if another run published
+        them in between, instead of silently dropping that run's rows."""
+        for dataset in datasets_:
+            self._generations[dataset.key] = self.storage.generation(self.uri(dataset))
+
     def publish(self, dataset: "Dataset", files: list[str], *, meta: Mapping[str, Any] | None = None,
                 keep_versions: int = 2) -> dict:
-        """Make ``files`` the published version of ``dataset`` (one pointer write)."""
-        return self.storage.publish(self.uri(dataset), run_id=self.run_id, files=files,
-                                    meta={"stage": self.stage, **(meta or {})}, keep_versions=keep_versions)
+        """Make ``files`` the published version of ``dataset`` (one pointer write; on top of
+        the generation :meth:`plan_on` recorded, when it did)."""
+        crash_point(f"{self.stage}:before_publish:{dataset.key}")
+        pointer = self.storage.publish(self.uri(dataset), run_id=self.run_id, files=files,
+                                       meta={"stage": self.stage, **(meta or {})}, keep_versions=keep_versions,
+                                       expected_generation=self._generations.get(dataset.key))
+        if dataset.key in self._generations:
+            self._generations[dataset.key] = pointer["generation"]
+        crash_point(f"{self.stage}:after_publish:{dataset.key}")
+        return pointer
+
+    def committed(self, table: str, changed: bool) -> bool:
+        """Note a warehouse write's outcome (``changed``: it committed a snapshot tagged with
+        this run); the completion marker lists the tables, so a later "nothing to do" can
+        check the warehouse still holds the commit. Returns ``changed``."""
+        if changed:
+            self._committed.append(table)
+        crash_point(f"{self.stage}:after_commit:{table}")
+        return changed
+
+    # ------------------------------------------------------------------ completion
+    def marker_uri(self, scope: str = "") -> str:
+        return self.storage.uri("runs", self.stage, "_completed", f"{scope or self.stage}.json")
+
+    def previous(self, fingerprint: str, *, scope: str = "", warehouse: "Warehouse | None" = None) -> dict | None:
+        """The completion marker of the last run that finished on these inputs, or None.
+
+        A stage is done only when its last output is committed; the marker is written after
+        that (by :meth:`succeed` with ``fingerprint``). A run killed at any point before leaves
+        the old marker (another fingerprint) or none, so its re-run does the work again. With
+        ``warehouse``, the tables the marked run committed must still hold its snapshots."""
+        uri = self.marker_uri(scope)
+        if not self.storage.exists(uri):
+            return None
+        try:
+            marker = self.storage.read_json(uri)
+        except Exception:  # noqa: BLE001 - an unreadable marker means "not done"
+            return None
+        if marker.get("fingerprint") != fingerprint:
+            return None
+        if warehouse is not None:
+            for table in marker.get("committed_tables", []):
+                if not warehouse.has_run(table, marker["run_id"]):
+                    log.warning("%s: run %s finished on these inputs but table %s lacks its commit; running again",
+                                self.stage, marker["run_id"], table)
+                    return None
+        return marker
 
     # ------------------------------------------------------------------ quarantine
     def reject(self, rejected: pa.Table) -> None:
@@ -296,10 +351,12 @@ class StageRun:
     # ------------------------------------------------------------------ endings
     def succeed(self, *, counts: Mapping[str, Any] | None = None, quarantined: Mapping[str, int] | None = None,
                 outputs: Mapping[str, str] | None = None, published: bool = True,
-                record: Mapping[str, Any] | None = None, **details: Any) -> StageResult:
-        """Write the manifest (status ``succeeded``, last) and return the result. ``details`` go
-        to the result and, JSON-able as they are, into the manifest; ``record`` only into the
-        manifest (a training curve)."""
+                record: Mapping[str, Any] | None = None, fingerprint: str | None = None, scope: str = "",
+                **details: Any) -> StageResult:
+        """Write the manifest (status ``succeeded``) and, with ``fingerprint``, the completion
+        marker (last of all), and return the result. ``details`` go to the result and,
+        JSON-able as they are, into the manifest; ``record`` only into the manifest (a training
+        curve)."""
         if counts is not None:
             self.manifest.counts = dict(counts)
         if quarantined is not None:
@@ -309,6 +366,11 @@ class StageRun:
         for key, value in {**details, **(record or {})}.items():
             setattr(self.manifest, key, value)  # RunManifest.to_dict writes every attribute
         uri = self.manifest.write(self.storage, status="succeeded")
+        if fingerprint is not None:
+            crash_point(f"{self.stage}:before_marker")
+            self.storage.write_json(self.marker_uri(scope), {
+                "run_id": self.run_id, "fingerprint": fingerprint, "manifest": uri,
+                "committed_tables": sorted(set(self._committed)), "outputs": dict(self.manifest.outputs)})
         self._closed = True
         log.info("%s: run %s done in %.1fs; manifest %s", self.stage, self.run_id, time.perf_counter() - self.t0, uri)
         return StageResult(self.run_id, published, dict(self.manifest.counts), dict(self.manifest.quarantined),

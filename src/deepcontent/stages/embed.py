@@ -112,9 +112,9 @@ def _embed_in_process(items: list[dict], *, embedder: dict) -> list[dict]:
 
 def _call_hook(path: str | None, **kwargs) -> None:
     if path:
-        from deepcontent.engines.sandbox import resolve
+        from deepcontent.hooks import resolve_hook
 
-        resolve(path)(**kwargs)
+        resolve_hook(path, field="embed.before_commit_hook")(**kwargs)
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
@@ -198,10 +198,11 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                 "audio_sha256": good["audio_sha256"],
                 "computed_at": pa.array([computed_at] * good.num_rows, pa.timestamp("us", tz="UTC")),
             })
-            committed = warehouse.upsert("embeddings", rows, run_id=run.run_id)
+            committed = run.committed("embeddings", warehouse.upsert("embeddings", rows, run_id=run.run_id))
             run.publish_quarantine()
-        # Staged files are only inputs of the commit: this run's, and any left by killed runs.
-        storage.delete_prefix(storage.uri(EMBED_STAGING))
+        # Staged files are only inputs of the commit: this run's, and those killed runs left
+        # (older than the grace period; a concurrent run's are younger).
+        storage.sweep_prefix(storage.uri(EMBED_STAGING), own=staging)
 
         log.info("embed: committed %d embeddings (%d new, %d changed) to %s in one commit; quarantined %d",
                  good.num_rows, counts["new"], n_changed, outputs["table"], bad.num_rows)

@@ -116,10 +116,10 @@ def _fit_matrix(cfg: Config, ctx: StageContext, matrix: str, *, files: dict[str,
     fit_config = {k: v for k, v in fc.model_dump(mode="json").items() if k not in skip}
     fingerprint = hashlib.sha256(json.dumps([exports_run, matrix, fit_config], sort_keys=True).encode()).hexdigest()[:24]
     with StageRun(STAGE, cfg, storage) as run:
-        current = [items_ds.pointer(storage), others_ds.pointer(storage)]
-        if all(p is not None and p.get("input_fingerprint") == fingerprint for p in current):
-            log.info("factorize: %s factors are up to date (run %s); nothing to do", matrix, current[0]["run_id"])
-            return run.unchanged(current[0]["run_id"], outputs=outputs)
+        done = run.previous(fingerprint, scope=matrix, warehouse=ctx.warehouse if matrix == "plays" else None)
+        if done is not None:
+            log.info("factorize: %s factors are up to date (run %s); nothing to do", matrix, done["run_id"])
+            return run.unchanged(done["run_id"], outputs=outputs)
         run.manifest.inputs = {"matrices": exports_run, "fingerprint": fingerprint, "matrix": matrix}
         with run.timed("load"):
             train = load_csr(storage, files[f"{prefix}_train.npz"])
@@ -178,10 +178,10 @@ def _fit_matrix(cfg: Config, ctx: StageContext, matrix: str, *, files: dict[str,
             if matrix == "plays":
                 wh = ctx.warehouse
                 wh.ensure_tables(["item_factors", "user_factors"])
-                wh.upsert("item_factors", items, run_id=run.run_id)
-                wh.upsert("user_factors", others, run_id=run.run_id)
+                run.committed("item_factors", wh.upsert("item_factors", items, run_id=run.run_id))
+                run.committed("user_factors", wh.upsert("user_factors", others, run_id=run.run_id))
         counts = {"train_items": len(pick_train), "valid_items": len(pick_valid), f"{other_col}s": len(pick_other),
                   "nnz_train": int(train.nnz)}
         log.info("factorize: %s factors for %d train + %d valid songs and %d %ss", matrix, len(pick_train),
                  len(pick_valid), len(pick_other), other_col)
-        return run.succeed(counts=counts, outputs=outputs, matrix=matrix)
+        return run.succeed(counts=counts, outputs=outputs, matrix=matrix, fingerprint=fingerprint, scope=matrix)

@@ -66,6 +66,7 @@ from deepcontent.interactions.sources import (
     parse_unique_tracks,
     quarantine_rows,
     read_lastfm_db,
+    too_long_rows,
 )
 from deepcontent.interactions.tables import folder_tracks, play_counts, play_events, tag_rows, track_list
 from deepcontent.manifest import log
@@ -99,7 +100,17 @@ _TRACK_ROWS = pa.schema([("kind", pa.string()), ("a", pa.string()), ("b", pa.str
                          ("d", pa.string())])
 
 
-def _tracks_task(storage: Storage, uri: str):
+def _read_lines(storage: Storage, uri: str, start: int, end: int, max_line_bytes: int, parse) -> tuple[pa.Table, pa.Table]:
+    """Parse the lines of one range with ``parse(data, uri=, base_offset=) -> (rows, rejected)``;
+    lines over ``max_line_bytes`` are rejected as ``line_too_long`` without being read whole."""
+    segments, too_long = storage.read_line_segments(uri, start, end, max_line_bytes=max_line_bytes)
+    parts = [parse(data, uri=uri, base_offset=offset) for offset, data in segments] or [parse(b"", uri=uri, base_offset=start)]
+    rows = pa.concat_tables([p[0] for p in parts])
+    rejected = pa.concat_tables([p[1] for p in parts] + [too_long_rows(uri, too_long, max_line_bytes)])
+    return rows, rejected
+
+
+def _tracks_task(storage: Storage, uri: str, max_line_bytes: int):
     """mapInArrow body: parse ranges of unique_tracks.txt, return tracks + quarantine rows."""
 
     def run(batches):
@@ -108,8 +119,7 @@ def _tracks_task(storage: Storage, uri: str):
         set_task_threads()
         for batch in batches:
             for start, end in zip(batch.column("start").to_pylist(), batch.column("end").to_pylist()):
-                offset, data = storage.read_line_range(uri, start, end)
-                tracks, q = parse_unique_tracks(data, uri=uri, base_offset=offset)
+                tracks, q = _read_lines(storage, uri, start, end, max_line_bytes, parse_unique_tracks)
                 n = tracks.num_rows
                 # one output shape for both: a kind column tells them apart
                 yield pa.RecordBatch.from_pydict({
@@ -145,16 +155,18 @@ def _quarantined(run_id: str, q: pa.Table) -> pa.Table:
     return quarantine_table(q, stage=STAGE, run_id=run_id)
 
 
-def _triplets_task(storage: Storage, uri: str, run_id: str, known_songs_bc):
+def _triplets_task(storage: Storage, uri: str, run_id: str, known_songs_bc, max_line_bytes: int):
     def run(batches):
+        from functools import partial
+
         from deepcontent.engines.spark import set_task_threads
 
         set_task_threads()
         known = known_songs_bc.value
+        parse = partial(parse_triplets, known_songs=known)
         for batch in batches:
             for task, start, end in zip(*(batch.column(c).to_pylist() for c in ("task", "start", "end"))):
-                offset, data = storage.read_line_range(uri, start, end)
-                plays, q = parse_triplets(data, uri=uri, base_offset=offset, known_songs=known)
+                plays, q = _read_lines(storage, uri, start, end, max_line_bytes, parse)
                 records = plays.num_rows + q.num_rows
                 yield _write_parts(storage, run_id, f"plays-{task:05d}", {PLAYS: plays, QUARANTINE: _quarantined(run_id, q)},
                                    records, _reason_counts(q))
@@ -294,7 +306,7 @@ class _Inputs:
     catalog: str
     plays: str
     tags: str
-    singles: dict[str, int] = field(default_factory=dict)  # line files by URI -> size
+    singles: dict[str, ObjectInfo] = field(default_factory=dict)  # line files by URI
     audio: list[ObjectInfo] = field(default_factory=list)
     lastfm: list[ObjectInfo] = field(default_factory=list)
     tables: dict[str, SourceTable] = field(default_factory=dict)
@@ -314,9 +326,9 @@ def _resolve(cfg: Config, ctx: StageContext) -> _Inputs:
         if not storage.exists(raw(src.tracks)):
             raise InputMissingError(f"ingest input missing: {raw(src.tracks)} (run `deepcontent generate`, set "
                                     f"sources.tracks, or use sources.catalog=table / folder)")
-        inp.singles[raw(src.tracks)] = storage.size(raw(src.tracks))
+        inp.singles[raw(src.tracks)] = storage.info(raw(src.tracks))
         if storage.exists(raw(src.mismatches)):
-            inp.singles[raw(src.mismatches)] = storage.size(raw(src.mismatches))
+            inp.singles[raw(src.mismatches)] = storage.info(raw(src.mismatches))
     elif inp.catalog == "table":
         inp.tables["tracks"] = table(src.track_table, "sources.track_table")
     if inp.plays == "auto":
@@ -325,7 +337,7 @@ def _resolve(cfg: Config, ctx: StageContext) -> _Inputs:
     if inp.plays == "taste_profile":
         if not storage.exists(raw(src.triplets)):
             raise InputMissingError(f"ingest input missing: {raw(src.triplets)} (sources.plays=taste_profile)")
-        inp.singles[raw(src.triplets)] = storage.size(raw(src.triplets))
+        inp.singles[raw(src.triplets)] = storage.info(raw(src.triplets))
     elif inp.plays == "table":
         inp.tables["plays"] = table(src.play_table, "sources.play_table")
     if inp.tags == "lastfm" or (inp.tags == "auto" and src.tag_table is None):
@@ -334,14 +346,16 @@ def _resolve(cfg: Config, ctx: StageContext) -> _Inputs:
             # The dataset ships the same tags twice (per-track JSON and one SQLite file): the
             # database alone, so no (track, tag) pair is read twice; the JSON files are counted.
             inp.superseded = len(inp.lastfm)
-            inp.lastfm = [ObjectInfo(raw(src.lastfm_db), storage.size(raw(src.lastfm_db)))]
+            inp.lastfm = [storage.info(raw(src.lastfm_db))]
         inp.tags = "lastfm" if inp.lastfm or inp.tags == "lastfm" else "none"
     elif inp.tags in ("auto", "table"):
         inp.tags = "table"
         inp.tables["tags"] = table(src.tag_table, "sources.tag_table")
     inp.audio = storage.list(raw(src.audio))
     h = hashlib.sha256(cfg.fingerprint("ingest", "sources", "storage").encode())
-    listing = [(u, str(s)) for u, s in inp.singles.items()] + [(o.uri, str(o.size)) for o in inp.lastfm + inp.audio]
+    # Each object by its version (ETag, else size and modification time): a same-size edit of
+    # a triplets file is a new input.
+    listing = [(o.uri, o.version) for o in list(inp.singles.values()) + inp.lastfm + inp.audio]
     for t in inp.tables.values():
         listing += t.fingerprint()
     for uri, version in listing:
@@ -462,9 +476,9 @@ def _tracks(cfg: Config, ctx: StageContext, inp: _Inputs, run: StageRun, audio: 
     tracks_uri = resolve_uri(storage, cfg.storage.raw_prefix, src.tracks)
     mismatch_uri = resolve_uri(storage, cfg.storage.raw_prefix, src.mismatches)
     mismatches = parse_mismatches(storage.read_bytes(mismatch_uri) if mismatch_uri in inp.singles else b"")
-    ranges = _ranges(inp.singles[tracks_uri], cfg.ingest.chunk_bytes)
+    ranges = _ranges(inp.singles[tracks_uri].size, cfg.ingest.chunk_bytes)
     df = spark.createDataFrame([(s, e) for s, e in ranges], "start long, end long").repartition(max(1, len(ranges)))
-    rows = df.mapInArrow(_tracks_task(storage, tracks_uri), "kind string, a string, b string, c string, d string").toArrow()
+    rows = df.mapInArrow(_tracks_task(storage, tracks_uri, cfg.ingest.max_line_bytes), "kind string, a string, b string, c string, d string").toArrow()
     is_track = pc.equal(rows["kind"], "track")
     raw_tracks = rows.filter(is_track)
     raw_tracks = pa.table({"track_id": raw_tracks["a"], "song_id": raw_tracks["b"], "artist": raw_tracks["c"],
@@ -484,10 +498,10 @@ def _plays(cfg: Config, ctx: StageContext, inp: _Inputs, run: StageRun, tracks: 
         return _SUMMARY.empty_table(), 0
     if inp.plays == "taste_profile":
         uri = resolve_uri(storage, cfg.storage.raw_prefix, cfg.sources.triplets)
-        ranges = _ranges(inp.singles[uri], cfg.ingest.chunk_bytes)
+        ranges = _ranges(inp.singles[uri].size, cfg.ingest.chunk_bytes)
         bc = sc.broadcast(pc.unique(tracks["song_id"]))
         df = spark.createDataFrame([(i, s, e) for i, (s, e) in enumerate(ranges)], "task int, start long, end long")
-        out = df.repartition(max(1, len(ranges))).mapInArrow(_triplets_task(storage, uri, run.run_id, bc), _SUMMARY_DDL)
+        out = df.repartition(max(1, len(ranges))).mapInArrow(_triplets_task(storage, uri, run.run_id, bc, cfg.ingest.max_line_bytes), _SUMMARY_DDL)
         summary = out.toArrow()
         bc.unpersist()
         return summary, 0
@@ -567,14 +581,14 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         with run.timed("list_inputs"):
             inp = _resolve(cfg, ctx)
         run.manifest.inputs = {"fingerprint": inp.fingerprint, "catalog": inp.catalog, "plays": inp.plays,
-                               "tags": inp.tags, "files": dict(inp.singles),
+                               "tags": inp.tags, "files": {u: o.size for u, o in inp.singles.items()},
                                "tables": {k: t.uri for k, t in inp.tables.items()},
                                "lastfm_files": len(inp.lastfm), "audio_files": len(inp.audio)}
         outputs = {d.key: run.uri(d) for d in (TRACKS, PLAYS, TAGS, QUARANTINE)}
-        current = [storage.published(u) for u in outputs.values()]
-        if all(p is not None and p.get("input_fingerprint") == inp.fingerprint for p in current):
-            log.info("ingest: inputs unchanged since run %s; nothing to do", current[0]["run_id"])
-            return run.unchanged(current[0]["run_id"], outputs=outputs)
+        done = run.previous(inp.fingerprint, warehouse=ctx.warehouse)
+        if done is not None and all(storage.published(u) is not None for u in outputs.values()):
+            log.info("ingest: inputs unchanged since run %s; nothing to do", done["run_id"])
+            return run.unchanged(done["run_id"], outputs=outputs)
         log.info("ingest: run %s — %s catalog, plays: %s, tags: %s; %d audio objects, %d Last.fm files", run.run_id,
                  inp.catalog, inp.plays, inp.tags, len(inp.audio), len(inp.lastfm))
 
@@ -641,12 +655,13 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         with run.timed("warehouse"):
             wh = ctx.warehouse
             wh.ensure_tables(["tracks", "plays", "tags", "quarantine"])
-            wh.upsert("tracks", tracks, run_id=run.run_id)
+            run.committed("tracks", wh.upsert("tracks", tracks, run_id=run.run_id))
             for dataset in (PLAYS, TAGS):  # re-derived whole each run: replaced, one part at a time
-                wh.replace(dataset.table, lambda d=dataset: (storage.read_parquet(f) for f in files[d]), run_id=run.run_id)
-            wh.append("quarantine", storage.read_parquet(files[QUARANTINE]), run_id=run.run_id)
+                run.committed(dataset.table, wh.replace(
+                    dataset.table, lambda d=dataset: (storage.read_parquet(f) for f in files[d]), run_id=run.run_id))
+            run.committed("quarantine", wh.append("quarantine", storage.read_parquet(files[QUARANTINE]), run_id=run.run_id))
         log.info("ingest: published tracks=%d plays=%d tags=%d; audio objects %d = %d used + %d quarantined; "
                  "quarantined %s", counts["tracks"], counts["plays"], counts["tags"], counts["audio_objects"],
                  counts["audio_used"], counts["audio_quarantined"], dict(total_q) or "none")
         return run.succeed(counts=counts, quarantined=dict(sorted(total_q.items())), outputs=outputs,
-                           tables=[f"{cfg.warehouse.namespace}.{t}" for t in ("tracks", "plays", "tags", "quarantine")])
+                           fingerprint=inp.fingerprint, tables=[f"{cfg.warehouse.namespace}.{t}" for t in ("tracks", "plays", "tags", "quarantine")])

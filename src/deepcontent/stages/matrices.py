@@ -135,14 +135,17 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             raise InputMissingError(f"matrices needs published {TRACKS.key} and {PLAYS.key}; run `deepcontent ingest` first")
         datasets.require_plays(storage, needed_by="matrices")
         fingerprint = hashlib.sha256(json.dumps([inputs, cfg.fingerprint("matrices")], sort_keys=True).encode()).hexdigest()[:24]
-        current = EXPORTS.pointer(storage)
-        if current is not None and current.get("input_fingerprint") == fingerprint:
-            log.info("matrices: inputs unchanged since run %s; nothing to do", current["run_id"])
-            return run.unchanged(current["run_id"], outputs=outputs)
+        done = run.previous(fingerprint, warehouse=ctx.warehouse)
+        if done is not None:
+            log.info("matrices: inputs unchanged since run %s; nothing to do", done["run_id"])
+            return run.unchanged(done["run_id"], outputs=outputs)
         run.manifest.inputs = {**inputs, "fingerprint": fingerprint}
         log.info("matrices: run %s", run.run_id)
 
         with run.timed("index"):
+            # The id maps only grow (stable indices): built on the published ones, so a
+            # concurrent run that extended them first turns this publish into a conflict.
+            run.plan_on(USER_INDEX, ITEM_INDEX, TAG_INDEX)
             tracks = TRACKS.read(storage, columns=["track_id", "song_id", "artist"])
             item_index = extend_index(ITEM_INDEX.read_or_empty(storage), tracks["song_id"].combine_chunks(), id_column="song_id")
             play_files = PLAYS.files(storage)
@@ -208,14 +211,14 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             tables = {USER_INDEX: user_index, ITEM_INDEX: item_index, TAG_INDEX: tag_index, SPLITS: splits}
             wh.ensure_tables([d.table for d in tables])
             for dataset, table in tables.items():
-                wh.replace(dataset.table, [table], run_id=run.run_id)
+                run.committed(dataset.table, wh.replace(dataset.table, [table], run_id=run.run_id))
         split_counts = Counter(split.tolist())
         counts = {"users": user_index.num_rows, "items": item_index.num_rows, "tags": tag_index.num_rows,
                   "play_records": records, **{f"nnz_{k}": v for k, v in nnz.items()},
                   **{f"songs_{k}": split_counts.get(k, 0) for k in SPLIT_NAMES}, **tag_counts}
         log.info("matrices: %d users × %d items (nnz train/valid/test %s), %d tags; quarantined %s",
                  shape[0], shape[1], "/".join(str(nnz[k]) for k in SPLIT_NAMES), tag_index.num_rows, dict(reasons) or "none")
-        return run.succeed(counts=counts, quarantined=dict(reasons), outputs=outputs)
+        return run.succeed(counts=counts, quarantined=dict(reasons), outputs=outputs, fingerprint=fingerprint)
 
 
 def _tag_matrices(run: StageRun, tracks: pa.Table, item_index: pa.Table, item_split: np.ndarray, min_count: int,

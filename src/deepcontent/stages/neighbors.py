@@ -53,7 +53,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             "model_version": pa.array([version] * (n * kk), pa.string()),
         })
         with run.timed("commit"):
-            committed = warehouse.upsert("similar_tracks", rows, run_id=run.run_id)
+            committed = run.committed("similar_tracks", warehouse.upsert("similar_tracks", rows, run_id=run.run_id))
         counts = {"tracks": n, "k": kk, "rows": rows.num_rows}
         run.manifest.inputs = {"model_version": version, "vector": nc.vector}
         if not committed:

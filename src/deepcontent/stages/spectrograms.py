@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 from deepcontent import datasets
 from deepcontent.config import Config
 from deepcontent.datasets import AUDIO_INDEX, SHARD_ROW_GROUP, SPECTROGRAMS, TRACKS, Dataset
+from deepcontent.engines.sandbox import TRANSIENT_REASONS
 from deepcontent.manifest import log
 from deepcontent.stages.base import QuarantineCheck, StageContext, StageResult, StageRun
 from deepcontent.storage import Storage, join
@@ -50,7 +51,7 @@ __all__ = ["STAGE", "decode_task", "run", "spectrogram_row"]
 STAGE = "spectrograms"
 QUARANTINE = datasets.quarantine(STAGE)
 _TASK_DDL = ("track_id string, audio_uri string, audio_size long, audio_modified string, audio_sha256 string, "
-             "settings_key string, status string, detail string, shard string, run_id string")
+             "settings_key string, status string, detail string, shard string, run_id string, attempts int")
 
 
 def spectrogram_row(track_id: str, result: dict, settings_key: str) -> dict:
@@ -165,13 +166,17 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     with StageRun(STAGE, cfg, storage) as run:
         outputs = {d.key: run.uri(d) for d in (SPECTROGRAMS, AUDIO_INDEX, QUARANTINE)}
         with run.timed("plan"):
+            # Both are rebuilt from what is read here: a run that published them meanwhile
+            # makes this run's publish a conflict, never a silent loss of its rows.
+            run.plan_on(SPECTROGRAMS, AUDIO_INDEX)
             tracks = TRACKS.read(storage, columns=["track_id", "audio_uri"])
             tracks = tracks.filter(pc.is_valid(tracks["audio_uri"]))
             uris = tracks["audio_uri"].to_pylist()
             versions = _audio_versions(storage, uris, storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.audio))
-            index = AUDIO_INDEX.read_or_empty(storage)
+            index = _with_attempts(AUDIO_INDEX.read_or_empty(storage))
+            index_run = AUDIO_INDEX.run_id(storage)
             seen = {(r["track_id"], r["audio_uri"], r["audio_size"], r["audio_modified"], r["settings_key"])
-                    for r in index.select(["track_id", "audio_uri", "audio_size", "audio_modified", "settings_key"]).to_pylist()}
+                    for r in index.to_pylist() if not _retry(r, sc_cfg.max_attempts)}
             todo = []
             for track_id, uri in zip(tracks["track_id"].to_pylist(), uris):
                 size, modified = versions[uri]
@@ -179,8 +184,13 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                     todo.append((track_id, uri, size, modified))
         run.manifest.inputs = {"tracks": TRACKS.run_id(storage), "tracks_with_audio": len(uris), "settings_key": settings_key}
         if not todo:
-            log.info("spectrograms: all %d tracks with audio are up to date; nothing to do", len(uris))
-            return run.unchanged(outputs=outputs, counts={"tracks_with_audio": len(uris), "processed": 0})
+            if run.previous(index_run or "") is not None and not _shards_changed(
+                    storage, outputs[SPECTROGRAMS.key], _index_shards(index)):
+                log.info("spectrograms: all %d tracks with audio are up to date; nothing to do", len(uris))
+                return run.unchanged(outputs=outputs, counts={"tracks_with_audio": len(uris), "processed": 0})
+            # The last run died between its publishes: make the outputs agree with the index.
+            log.warning("spectrograms: the published outputs disagree with the audio index (run %s did not "
+                        "finish); republishing them from the index", index_run)
 
         log.info("spectrograms: run %s — %d of %d tracks need spectrograms (%d clips per task)", run.run_id, len(todo),
                  len(uris), sc_cfg.clips_per_task)
@@ -189,15 +199,17 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                  if r["settings_key"] == settings_key}
 
         with run.timed("compute"):
-            results = decode_on_spark(ctx.spark, storage, dataset=SPECTROGRAMS, compute_fn=sc_cfg.compute_fn,
-                                      settings=settings, settings_key=settings_key, sc_cfg=sc_cfg, run_id=run.run_id,
-                                      todo=todo, known=known)
+            results = (decode_on_spark(ctx.spark, storage, dataset=SPECTROGRAMS, compute_fn=sc_cfg.compute_fn,
+                                       settings=settings, settings_key=settings_key, sc_cfg=sc_cfg, run_id=run.run_id,
+                                       todo=todo, known=known) if todo else AUDIO_INDEX.schema.empty_table())
+            results = _count_attempts(results, index)
 
         status = Counter(results["status"].to_pylist())
         processed = len(todo)
         failed = {k: v for k, v in status.items() if k not in ("ok", "unchanged")}
         counts = {"tracks_with_audio": len(uris), "processed": processed, "computed": status.get("ok", 0),
-                  "unchanged": status.get("unchanged", 0), "quarantined": sum(failed.values())}
+                  "unchanged": status.get("unchanged", 0), "quarantined": sum(failed.values()),
+                  "to_retry": sum(1 for r in results.to_pylist() if _retry(r, sc_cfg.max_attempts))}
 
         # New index: the old one with this run's tracks replaced.
         done_ids = pa.array(results["track_id"].to_pylist(), pa.string())
@@ -210,7 +222,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             unchanged = unchanged.set_column(unchanged.schema.get_field_index("status"), "status",
                                              pa.array(["ok"] * unchanged.num_rows, pa.string()))
         fresh = results.filter(pc.not_equal(results["status"], "unchanged"))
-        new_index = pa.concat_tables([kept, unchanged, fresh])
+        new_index = pa.concat_tables([kept.cast(AUDIO_INDEX.schema), unchanged, fresh])
 
         # The quarantine is every track whose current audio failed, each with the run that saw it.
         bad = new_index.filter(pc.not_equal(new_index["status"], "ok"))
@@ -220,19 +232,56 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         run.check_quarantine([QuarantineCheck(failed, processed, unit="clips")], limit=sc_cfg.max_quarantine_fraction)
 
         with run.timed("publish"):
-            spec_files, rewritten = _rewrite_superseded(storage, run.run_id, index, results)
-            spec_files += sorted({s for s in fresh["shard"].to_pylist() if s})
+            _, rewritten = _rewrite_superseded(storage, run.run_id, index, results)
             if rewritten:  # index rows pointing at rewritten shards now point at their new versions
                 shards = [rewritten.get(s, s) if s else s for s in new_index["shard"].to_pylist()]
                 new_index = new_index.set_column(new_index.schema.get_field_index("shard"), "shard", pa.array(shards, pa.string()))
+            # The published shards are exactly those the index names: shards of a run that died
+            # after publishing them but before publishing its index are never carried forward.
+            spec_files = _index_shards(new_index)
             meta = {"settings_key": settings_key}
-            if status.get("ok", 0) or _shards_changed(storage, outputs[SPECTROGRAMS.key], spec_files):
+            if _shards_changed(storage, outputs[SPECTROGRAMS.key], spec_files):
                 run.publish(SPECTROGRAMS, spec_files, meta=meta)
             run.publish(AUDIO_INDEX, [run.write_part(AUDIO_INDEX, new_index)], meta=meta)
             run.publish_quarantine(meta=meta)
-        log.info("spectrograms: computed %d, unchanged %d, quarantined %s", status.get("ok", 0),
-                 status.get("unchanged", 0), failed or "none")
-        return run.succeed(counts=counts, quarantined=dict(sorted(failed.items())), outputs=outputs)
+        log.info("spectrograms: computed %d, unchanged %d, quarantined %s (%d to retry)", status.get("ok", 0),
+                 status.get("unchanged", 0), failed or "none", counts["to_retry"])
+        return run.succeed(counts=counts, quarantined=dict(sorted(failed.items())), outputs=outputs,
+                           fingerprint=run.run_id)
+
+
+def _with_attempts(index: pa.Table) -> pa.Table:
+    """The index with an ``attempts`` column (indexes written before it had none)."""
+    if "attempts" not in index.column_names:
+        index = index.append_column("attempts", pa.nulls(index.num_rows, pa.int32()))
+    return index.select(AUDIO_INDEX.schema.names).cast(AUDIO_INDEX.schema)
+
+
+def _retry(row: dict, max_attempts: int) -> bool:
+    """Whether a later run should try this index row's clip again."""
+    return row["status"] in TRANSIENT_REASONS and (row.get("attempts") or 1) < max_attempts
+
+
+def _count_attempts(results: pa.Table, index: pa.Table) -> pa.Table:
+    """Set ``attempts`` of this run's rows: one more than before for a transient failure of the
+    same audio version, 1 for a first one, null for every other outcome."""
+    prev = {(r["track_id"], r["audio_uri"], r["audio_size"], r["audio_modified"]): (r["status"], r["attempts"] or 1)
+            for r in index.select(["track_id", "audio_uri", "audio_size", "audio_modified", "status", "attempts"]).to_pylist()}
+    attempts = []
+    for r in results.select(["track_id", "audio_uri", "audio_size", "audio_modified", "status"]).to_pylist():
+        if r["status"] not in TRANSIENT_REASONS:
+            attempts.append(None)
+            continue
+        before = prev.get((r["track_id"], r["audio_uri"], r["audio_size"], r["audio_modified"]))
+        attempts.append(before[1] + 1 if before and before[0] in TRANSIENT_REASONS else 1)
+    return results.set_column(results.schema.get_field_index("attempts"), "attempts", pa.array(attempts, pa.int32()))
+
+
+def _index_shards(index: pa.Table) -> list[str]:
+    """The shards holding the index's ``ok`` spectrograms."""
+    if not index.num_rows:
+        return []
+    return sorted({s for s in index.filter(pc.equal(index["status"], "ok"))["shard"].to_pylist() if s})
 
 
 def _published_shards(storage: Storage, dataset_uri: str) -> list[str]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import inspect
 import os
 import tempfile
@@ -122,10 +121,9 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def _resolve_hook(path: str | None) -> Callable | None:
     if not path:
         return None
-    module, _, name = path.partition(":")
-    if not module or not name:
-        raise ValueError(f"train.epoch_hook must look like 'module:function', got {path!r}")
-    return getattr(importlib.import_module(module), name)
+    from deepcontent.hooks import resolve_hook
+
+    return resolve_hook(path, field="train.epoch_hook")
 
 
 def _epoch_order(n_clips: int, n_needed: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
