@@ -21,7 +21,7 @@ from typing import Callable
 
 from deepcontent.config import Config, ConfigError, load_config
 from deepcontent.manifest import log, setup_logging
-from deepcontent.redact import redact, redact_text
+from deepcontent.redact import RedactingArgumentParser, redact, redact_text
 from deepcontent.stages import PIPELINE, STAGES
 
 
@@ -69,6 +69,20 @@ def _cmd_embed_files(cfg, args) -> dict:
     for name, reason in result.failures.items():
         log.warning("embed-files: %s left out: %s", name, reason)
     return {"out": out, "model_version": model.version, "embedded": len(result.ids), "failed": result.failures}
+
+
+def _cmd_rollback(cfg, args) -> dict:
+    """Return a dataset to its last readable version (the repair for a corrupt part)."""
+    from deepcontent.stages import StageContext
+    from deepcontent.storage import new_run_id
+
+    with StageContext.open(cfg) as ctx:
+        target = args.dataset if "://" in args.dataset else ctx.storage.uri(args.dataset)
+        pointer = ctx.storage.rollback(target, run_id=new_run_id("rollback"))
+    log.info("rollback: %s is at generation %d (the version of run %s)", target, pointer["generation"],
+             pointer.get("rolled_back_to"))
+    return {"dataset": target, "generation": pointer["generation"], "run_id": pointer.get("rolled_back_to"),
+            "replaced": pointer.get("rolled_back_from")}
 
 
 def pipeline_plan(cfg: Config, *, stop_after: str | None = None) -> tuple[Config, list[str]]:
@@ -173,12 +187,13 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "pipeline": (_cmd_pipeline, "run every stage in order on the configured catalog (generate first unless --skip-generate)"),
     "embed-files": (_cmd_embed_files, "embed audio files (any codec) with a registered model -> one Parquet file "
                                       "(predicted factors, embedding per file)"),
+    "rollback": (_cmd_rollback, "return a dataset (e.g. features/audio_index) to its last readable published version"),
 }
 SUBMIT_HELP = "run one stage on a cluster: spark-submit or `ray job submit` (see deepcontent submit --help)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = RedactingArgumentParser(
         prog="deepcontent",
         description="Learn content-based music embeddings at catalog scale: Spark ingest and "
         "spectrograms, implicit ALS, Ray Train CNN regressors, embeddings to Iceberg.",
@@ -203,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--skip-generate", action="store_true", help="use the catalog already in storage")
             p.add_argument("--stop-after", choices=list(PIPELINE), default=None, metavar="STAGE",
                            help=f"stop after this stage (one of: {', '.join(PIPELINE)})")
+        if name == "rollback":
+            p.add_argument("dataset", metavar="DATASET", help="dataset key under the storage root, or its URI")
         if name == "embed-files":
             p.add_argument("overrides", nargs="+", metavar="FILE | key.path=value",
                            help="audio files or storage URIs to embed, and config overrides")

@@ -14,7 +14,8 @@ written against those keeps working.
     ├── QuarantineExceeded       too large a share of a run's input was quarantined
     ├── StorageError             an object-store operation failed (names the URI)
     │   ├── UnsafeKeyError       a key would escape its root
-    │   └── PublishConflict      another run published the dataset since this run read it
+    │   ├── PublishConflict      another run published the dataset since this run read it
+    │   └── CorruptFileError     a stored file does not read (names it and the repair)
     ├── WarehouseError           an Iceberg catalog or table operation failed
     │   └── WarehouseSchemaError incoming data does not fit a table's schema
     ├── TrainingDataError        the inputs cannot make a training set
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "CorruptFileError",
     "DeepcontentError",
     "InputMissingError",
     "PublishConflict",
@@ -67,6 +69,19 @@ class StorageError(DeepcontentError, RuntimeError):
 
 class UnsafeKeyError(DeepcontentError, ValueError):
     """A key would escape its root (``..``, absolute path, NUL byte, backslash)."""
+
+
+class CorruptFileError(StorageError):
+    """A stored file exists but does not read (a truncated or overwritten Parquet part). The
+    message names the file and the repair: ``deepcontent rollback <dataset>`` returns the
+    dataset to its last readable version, and the owning stage's next run rebuilds the rest."""
+
+    def __init__(self, uri: str, detail: str) -> None:
+        self.uri = uri
+        dataset = uri.split("/data/", 1)[0] if "/data/" in uri else None
+        hint = (f"; repair: `deepcontent rollback {dataset}` returns the dataset to its last readable version"
+                if dataset else "")
+        super().__init__(f"corrupt or unreadable file {uri}: {detail}{hint}")
 
 
 class PublishConflict(StorageError):

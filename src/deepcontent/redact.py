@@ -23,20 +23,25 @@ import logging
 import re
 from typing import Any
 
-__all__ = ["MASK", "RedactingFilter", "looks_secret", "redact", "redact_text", "register_secret"]
+__all__ = ["MASK", "RedactingArgumentParser", "RedactingFilter", "looks_secret", "redact", "redact_text",
+           "register_secret"]
 
 MASK = "***"
 
 _SECRET_WORDS = re.compile(
     r"(pass(word|wd|phrase)?|secret|token|credential|private[._-]?key|access[._-]?key|api[._-]?key|"
     r"auth(?:orization|entication)?(?![a-z])|session[._-]?key)", re.IGNORECASE)
-# Suffixes that name a place a secret comes from, not a secret.
-_POINTERS = re.compile(r"([._-](env|file|path|profile|provider|type|mode|method|ttl|enabled))$", re.IGNORECASE)
+# Keys that name where a secret comes from, not a secret: ``catalog_password_env``,
+# ``credentials_file``, and Spark's Kubernetes secret references
+# (``spark.kubernetes.driver.secretKeyRef.ENV=secret:key``, ``...driver.secrets.NAME=/mnt``).
+_POINTERS = re.compile(r"([._-](env|file|path|profile|provider|type|mode|method|ttl|enabled))$|secretkeyref|"
+                       r"\.secrets\.|secret[._-]?name", re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]+:)(?P<password>[^\s@/]+)@")
-# key=value / key: value / "key": "value" with a secret-looking key.
+# key=value, or "key": "value" (JSON), with a secret-looking key. A bare ``key: value`` is left
+# alone: in prose ("refusing override X_SECRET_KEY: a secret...") it is not an assignment.
 _KEY_VALUE = re.compile(
     r"""(?P<key>[A-Za-z0-9_.\-]*(?:pass(?:word|wd)?|secret|token|credential|private[._-]?key|access[._-]?key|"""
-    r"""api[._-]?key|auth(?:orization|entication)?(?![a-z]))[A-Za-z0-9_.\-]*)(?P<sep>["']?\s*[=:]\s*["']?)(?P<value>[^\s"',}&]+)""", re.IGNORECASE)
+    r"""api[._-]?key|auth(?:orization|entication)?(?![a-z]))[A-Za-z0-9_.\-]*)(?P<sep>\s*=\s*["']?|["']\s*:\s*["']?)(?P<value>[^\s"',}&]+)""", re.IGNORECASE)
 
 _KNOWN: set[str] = set()
 
@@ -103,3 +108,12 @@ class RedactingFilter(logging.Filter):
         elif record.exc_text:
             record.exc_text = redact_text(record.exc_text)
         return True
+
+
+class RedactingArgumentParser(__import__("argparse").ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors (which quote the offending arguments, overrides
+    with secrets among them) go through :func:`redact_text`. Its sub-parsers are the same class."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's signature
+        self.print_usage(__import__("sys").stderr)
+        self.exit(2, f"{self.prog}: error: {redact_text(message)}\n")

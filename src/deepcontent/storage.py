@@ -61,7 +61,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from deepcontent.errors import PublishConflict, StorageError, UnsafeKeyError  # noqa: E402
+from deepcontent.errors import CorruptFileError, PublishConflict, StorageError, UnsafeKeyError  # noqa: E402
 
 if TYPE_CHECKING:
     from deepcontent.config import StorageConfig
@@ -512,6 +512,8 @@ class Storage:
                 tables.append(pq.read_table(path, filesystem=fs, columns=columns, filters=filters))
             except FileNotFoundError:
                 raise StorageError(f"Parquet file not found: {uri}") from None
+            except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+                raise CorruptFileError(uri, f"{type(exc).__name__}: {exc}") from None
         if not tables:
             raise StorageError("read_parquet called with no files")
         return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
@@ -738,6 +740,37 @@ class Storage:
                 pass
 
     # -- sweep
+    def rollback(self, dataset_uri: str, *, run_id: str) -> dict:
+        """Publish the newest earlier version of a dataset whose files all still read, as a new
+        generation (the repair for a corrupt part: the stage that owns the dataset then rebuilds
+        what the rolled-back version lacks on its next run). Raises StorageError when there is
+        no readable earlier version."""
+        current = self.published(dataset_uri)
+        if current is None:
+            raise StorageError(f"{dataset_uri} has never been published: nothing to roll back")
+        entries = []
+        for o in self.list(join(dataset_uri, "_history")):
+            gen = posix_basename(o.uri).split("-", 1)[0]
+            if gen.isdigit() and len(gen) == 12 and int(gen) < pointer_generation(current):
+                entries.append((int(gen), o.uri))
+        for gen, uri in sorted(entries, reverse=True):
+            try:
+                pointer = self.read_json(uri)
+                files = [join(dataset_uri, f) for f in pointer["files"]]
+                for f in files:
+                    if f.endswith(".parquet"):
+                        pq.read_metadata(self.filesystem(f)[1], filesystem=self.filesystem(f)[0])
+                    elif not self.exists(f):
+                        raise StorageError(f"missing {f}")
+            except (StorageError, ValueError, KeyError, OSError, pa.ArrowException):
+                continue
+            meta = {k: v for k, v in pointer.items() if k not in ("run_id", "files", "generation", "published_at")}
+            return self.publish(dataset_uri, run_id=run_id, files=files,
+                                meta={**meta, "rolled_back_to": pointer.get("run_id"), "rolled_back_from": current.get("run_id")},
+                                expected_generation=pointer_generation(current))
+        raise StorageError(f"{dataset_uri}: no earlier version whose files all read (kept versions are "
+                           f"storage history entries; a stage re-run rebuilds the dataset instead)")
+
     def _sweep(self, dataset_uri: str, keep_versions: int) -> None:
         """Delete data files no kept version references, once older than the grace period
         (files of older runs that a cumulative dataset still points at survive; staged parts of

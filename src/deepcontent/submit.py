@@ -48,7 +48,7 @@ from pathlib import Path
 from deepcontent.config import Config, ConfigError, load_config
 from deepcontent.errors import SubmitError
 from deepcontent.manifest import log, setup_logging
-from deepcontent.redact import looks_secret, redact_text
+from deepcontent.redact import RedactingArgumentParser, looks_secret, redact_text
 from deepcontent.stages import STAGES as REGISTRY
 
 # How each registered stage reaches a cluster (deepcontent.stages.Stage.engine).
@@ -266,7 +266,7 @@ def build_submission(stage: str, *, config: str, overrides: list[str], no_wait: 
     environ = dict(os.environ if environ is None else environ)
     for pair in overrides:
         key = pair.split("=", 1)[0].strip()
-        if key in SECRET_OVERRIDES or looks_secret(key.rsplit(".", 1)[-1]):
+        if key in SECRET_OVERRIDES or looks_secret(key):
             raise SubmitError(f"refusing override {key}: a secret on the command line is visible to every "
                               f"process listing and log; use AWS_* environment variables or storage.credentials_file")
     path = Path(config)
@@ -294,7 +294,7 @@ def build_submission(stage: str, *, config: str, overrides: list[str], no_wait: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = RedactingArgumentParser(
         prog="deepcontent submit",
         description="Submit one stage to a cluster: Spark stages with spark-submit, Ray stages with "
         "`ray job submit`, configured by a cluster config file.",

@@ -68,6 +68,7 @@ from pyiceberg.types import (  # noqa: E402
 
 from deepcontent.datasets import TABLES, Table  # noqa: E402
 from deepcontent.errors import WarehouseError, WarehouseSchemaError  # noqa: E402
+from deepcontent.faults import crash_point  # noqa: E402
 from deepcontent.redact import looks_secret, redact_text, register_secret  # noqa: E402
 
 if TYPE_CHECKING:
@@ -522,6 +523,7 @@ class Warehouse:
                 log.info("table %s already has run %s; append skipped", name, run_id)
                 return False
             try:
+                crash_point(f"warehouse:before_commit:{name}")
                 tbl.append(data, snapshot_properties={RUN_ID_PROPERTY: run_id})
             except (CommitFailedException, OSError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
@@ -556,6 +558,7 @@ class Warehouse:
             props = {RUN_ID_PROPERTY: run_id}
             rows = 0
             try:
+                crash_point(f"warehouse:before_commit:{name}")
                 with tbl.transaction() as tx:
                     if tbl.current_snapshot() is not None:
                         with warnings.catch_warnings():  # an empty table: nothing to delete is fine
@@ -609,6 +612,7 @@ class Warehouse:
                     return False
                 rewrite, overwrite_filter, n_new, n_changed = plan
                 props = {RUN_ID_PROPERTY: run_id}
+                crash_point(f"warehouse:before_commit:{name}")
                 with tbl.transaction() as tx:
                     if overwrite_filter is None:
                         tx.append(rewrite, snapshot_properties=props)

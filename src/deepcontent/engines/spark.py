@@ -25,6 +25,11 @@ def spark_session(cfg: SparkConfig):
     # A local session binds loopback rather than guessing an interface (and warning about it).
     if cfg.master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    if cfg.master.startswith("local-cluster"):
+        # Executors of a local cluster are launched from SPARK_HOME: the pyspark package is one.
+        import pyspark
+
+        os.environ.setdefault("SPARK_HOME", os.path.dirname(pyspark.__file__))
     builder = SparkSession.builder
     # Under spark-submit the JVM is already up (PYSPARK_GATEWAY_PORT is set) and --master /
     # --conf on the submit line decide; only set the master when we start Spark ourselves.

@@ -125,6 +125,10 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     from deepcontent.registry import load_model
 
     storage, warehouse, ec = ctx.storage, ctx.warehouse, cfg.embed
+    if ec.before_commit_hook:
+        from deepcontent.hooks import check_hook
+
+        check_hook(ec.before_commit_hook, field="embed.before_commit_hook")  # before any work
     registry = model_registry(cfg, storage)
     version = ec.model_version or production_version(registry)
     _, artifact = load_model(registry, version)
@@ -151,7 +155,18 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                   "changed": n_changed, "other_settings": all_pairs.num_rows - pairs.num_rows}
         run.manifest.inputs = {"model_version": version, "settings_key": settings_key,
                                "spectrograms": SPECTROGRAMS.run_id(storage)}
+        # What this run sees; the completion marker (written last) says a run on it finished.
+        fingerprint = f"{version}:{settings_key}:{SPECTROGRAMS.run_id(storage)}"
         if pending.num_rows == 0:
+            if run.previous(fingerprint, warehouse=warehouse) is None:
+                # Everything is embedded but the run that committed it died before its last
+                # step: publish the (now empty) quarantine and the marker it never wrote.
+                log.info("embed: all %d spectrograms embedded with %s; finishing the previous run's publish",
+                         pairs.num_rows, version)
+                run.publish_quarantine()
+                return run.succeed(counts={**counts, "embedded": 0, "quarantined": 0}, outputs=outputs,
+                                   published=False, fingerprint=fingerprint, model_version=version,
+                                   seconds=dict(run.manifest.timings_s))
             log.info("embed: all %d spectrograms already embedded with %s; nothing to do", pairs.num_rows, version)
             return run.unchanged(outputs=outputs, counts={**counts, "embedded": 0}, model_version=version,
                                  seconds=dict(run.manifest.timings_s))
@@ -208,7 +223,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                  good.num_rows, counts["new"], n_changed, outputs["table"], bad.num_rows)
         return run.succeed(counts={**counts, "embedded": good.num_rows, "quarantined": bad.num_rows},
                            quarantined={k: v for k, v in status.items() if k != "ok"}, outputs=outputs,
-                           published=committed, model_version=version, seconds=dict(run.manifest.timings_s))
+                           published=committed, model_version=version, seconds=dict(run.manifest.timings_s),
+                           fingerprint=fingerprint)
 
 
 def _one_per_pair(t: pa.Table) -> pa.Table:

@@ -42,6 +42,7 @@ from deepcontent import datasets
 from deepcontent.config import Config
 from deepcontent.datasets import AUDIO_INDEX, SHARD_ROW_GROUP, SPECTROGRAMS, TRACKS, Dataset
 from deepcontent.engines.sandbox import TRANSIENT_REASONS
+from deepcontent.errors import CorruptFileError
 from deepcontent.manifest import log
 from deepcontent.stages.base import QuarantineCheck, StageContext, StageResult, StageRun
 from deepcontent.storage import Storage, join
@@ -127,6 +128,9 @@ def decode_on_spark(spark, storage: Storage, *, dataset: Dataset, compute_fn: st
                     sc_cfg, run_id: str, todo: list[tuple], known: dict[str, str]) -> pa.Table:
     """Run :func:`decode_task` over ``todo`` ``(track_id, uri, size, modified)`` in groups of
     ``spectrograms.clips_per_task``; returns the audio-index rows of every clip."""
+    from deepcontent.hooks import check_hook
+
+    check_hook(compute_fn, field="spectrograms.compute_fn")  # in the driver, before any task starts
     per = sc_cfg.clips_per_task
     groups = [todo[i : i + per] for i in range(0, len(todo), per)]
     # The tasks' inputs travel as one broadcast and Spark only ships task numbers
@@ -173,10 +177,19 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             tracks = tracks.filter(pc.is_valid(tracks["audio_uri"]))
             uris = tracks["audio_uri"].to_pylist()
             versions = _audio_versions(storage, uris, storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.audio))
-            index = _with_attempts(AUDIO_INDEX.read_or_empty(storage))
-            index_run = AUDIO_INDEX.run_id(storage)
+            try:
+                index = _with_attempts(AUDIO_INDEX.read_or_empty(storage))
+                index_run = AUDIO_INDEX.run_id(storage)
+            except CorruptFileError as exc:
+                # The index is the stage's memory, and it can be rebuilt: every track is decoded
+                # again and the published shards are re-derived from what this run computes.
+                log.warning("spectrograms: the audio index does not read (%s); rebuilding it from the audio", exc)
+                index, index_run = _with_attempts(AUDIO_INDEX.schema.empty_table()), None
+            rows = index.to_pylist()
             seen = {(r["track_id"], r["audio_uri"], r["audio_size"], r["audio_modified"], r["settings_key"])
-                    for r in index.to_pylist() if not _retry(r, sc_cfg.max_attempts)}
+                    for r in rows if not _retry(r, sc_cfg.max_attempts)}
+            retrying = {(r["track_id"], r["audio_uri"], r["audio_size"], r["audio_modified"], r["settings_key"])
+                        for r in rows if _retry(r, sc_cfg.max_attempts)}
             todo = []
             for track_id, uri in zip(tracks["track_id"].to_pylist(), uris):
                 size, modified = versions[uri]
@@ -207,9 +220,14 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         status = Counter(results["status"].to_pylist())
         processed = len(todo)
         failed = {k: v for k, v in status.items() if k not in ("ok", "unchanged")}
+        # A retried clip that fails again was counted against the threshold when it first
+        # failed: the gate looks at this run's new clips (a flaky node must not fail a nightly
+        # run over the same two clips forever).
+        retried = sum(1 for t, u, size, m in todo if (t, u, size, m, settings_key) in retrying)
+        again = Counter(r["status"] for r in results.to_pylist() if (r["attempts"] or 0) > 1)
         counts = {"tracks_with_audio": len(uris), "processed": processed, "computed": status.get("ok", 0),
                   "unchanged": status.get("unchanged", 0), "quarantined": sum(failed.values()),
-                  "to_retry": sum(1 for r in results.to_pylist() if _retry(r, sc_cfg.max_attempts))}
+                  "retried": retried, "to_retry": sum(1 for r in results.to_pylist() if _retry(r, sc_cfg.max_attempts))}
 
         # New index: the old one with this run's tracks replaced.
         done_ids = pa.array(results["track_id"].to_pylist(), pa.string())
@@ -229,7 +247,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         quarantine = pa.table({"stage": pa.array([STAGE] * bad.num_rows, pa.string()), "source": bad["audio_uri"],
                                "reason": bad["status"], "detail": bad["detail"], "run_id": bad["run_id"]})
         run.add_quarantine_files([run.write_part(QUARANTINE, quarantine)])
-        run.check_quarantine([QuarantineCheck(failed, processed, unit="clips")], limit=sc_cfg.max_quarantine_fraction)
+        new_failed = {k: v - again.get(k, 0) for k, v in failed.items() if v - again.get(k, 0) > 0}
+        run.check_quarantine([QuarantineCheck(new_failed, processed - retried, unit="clips")],
+                             limit=sc_cfg.max_quarantine_fraction)
 
         with run.timed("publish"):
             _, rewritten = _rewrite_superseded(storage, run.run_id, index, results)

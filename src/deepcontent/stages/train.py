@@ -207,6 +207,10 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     The result is the production model's (``model_version``, ``metrics``) with ``variants``:
     ``{name: {"model_version", "published", "valid_nmse"}}``."""
     datasets.require_plays(ctx.storage, needed_by="train")
+    if cfg.train.epoch_hook:
+        from deepcontent.hooks import check_hook
+
+        check_hook(cfg.train.epoch_hook, field="train.epoch_hook")  # in the driver, before Ray starts
     main = train_model(cfg, ctx, promote=True)
     variants = {}
     for name in cfg.train.variants:
