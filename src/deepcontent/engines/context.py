@@ -33,7 +33,11 @@ def open_storage(cfg: Config) -> Iterator[Storage]:
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with EmbeddedS3Server(data_dir, log_file=str(log_file)) as server:
         log.info("storage: embedded S3 server at %s serving %s", server.endpoint_url, data_dir.resolve())
+        from deepcontent.redact import register_secret
+
+        register_secret(server.credentials.secret_access_key)  # masked wherever it might surface
         storage = Storage(cfg.storage.root, endpoint_url=server.endpoint_url, region=cfg.storage.region,
-                          credentials=server.credentials)
+                          credentials=server.credentials, sweep_grace_s=cfg.storage.sweep_grace_s,
+                          lock_lease_s=cfg.storage.lock_lease_s)
         storage.ensure_root()
         yield storage
