@@ -821,13 +821,8 @@ class Storage:
 
             def next_newline(pos: int) -> int:
                 # position just past the first newline at or after pos (size if none)
-                while pos < size:
-                    buf = f.read_at(min(probe, size - pos), pos)
-                    i = buf.find(b"\n")
-                    if i >= 0:
-                        return pos + i + 1
-                    pos += len(buf)
-                return size
+                found = _find_newline(f, pos, size, probe)
+                return size if found is None else found
 
             begin = 0 if start == 0 else next_newline(start - 1)
             if begin >= min(end, size):
@@ -850,16 +845,7 @@ class Storage:
             stop_at = min(end, size)
 
             def find_newline(pos: int, limit: int) -> int | None:
-                # position just past the first newline in [pos, limit), or None
-                while pos < limit:
-                    buf = f.read_at(min(probe, limit - pos), pos)
-                    i = buf.find(b"\n")
-                    if i >= 0:
-                        return pos + i + 1
-                    pos += len(buf)
-                    if not buf:
-                        break
-                return None
+                return _find_newline(f, pos, limit, probe)
 
             if start == 0:
                 begin = 0
@@ -919,6 +905,20 @@ class Storage:
                 yield from lines
             if rest:
                 yield rest
+
+
+def _find_newline(f, pos: int, limit: int, probe: int) -> int | None:
+    """Position just past the first newline in ``[pos, limit)`` of an open file, read in
+    ``probe``-byte steps (bounded memory), or None when there is none."""
+    while pos < limit:
+        buf = f.read_at(min(probe, limit - pos), pos)
+        if not buf:
+            break
+        i = buf.find(b"\n")
+        if i >= 0:
+            return pos + i + 1
+        pos += len(buf)
+    return None
 
 
 def pointer_generation(pointer: dict | None) -> int:
