@@ -453,6 +453,28 @@ class NeighborsConfig(_Section):
     vector: Literal["predicted_factors", "embedding"] = "predicted_factors"
     # Query rows per blocked matrix product (memory is block_rows × n_tracks floats).
     block_rows: int = Field(2048, ge=1)
+    # Exact search up to this many tracks (n² d work: ~10 s at 50k × 50-d); beyond it an
+    # approximate faiss index (see deepcontent.embed.ann).
+    exact_max_tracks: int = Field(50_000, ge=2)
+    # The approximate index beyond exact_max_tracks: hnsw (graph, no training) or ivf (k-means
+    # cells); "exact" forces exact search at any size.
+    index: Literal["hnsw", "ivf", "exact"] = "hnsw"
+    # Overrides of the index's parameters (hnsw: m, ef_construction, ef_search; ivf: nlist,
+    # nprobe, train_size); the rest keep deepcontent.embed.ann.default_params.
+    index_params: dict[str, int] = Field(default_factory=dict)
+    # Every approximate run searches this many seeded queries exactly too, and fails (commits
+    # nothing) when recall@k against them is below min_recall.
+    min_recall: float = Field(0.95, ge=0.0, le=1.0)
+    recall_queries: int = Field(2000, ge=1)
+    seed: int = 0
+    # Query the index in this many Ray tasks (the index and the vectors go to the object store
+    # once; each task searches a range of rows), spreading the search over a cluster's cores;
+    # 0 searches in this process (faiss uses every core here).
+    query_tasks: int = Field(0, ge=0)
+    cpus_per_task: float = Field(2.0, gt=0)
+    # Export the index per model version to <root>/indexes/<model_version>/ (index.faiss,
+    # ids.parquet, and its parameters and measured recall in the published pointer).
+    export_index: bool = True
 
 
 class NightlyConfig(_Section):

@@ -1,32 +1,161 @@
 """Stage ``neighbors``: top-k cosine neighbours per track -> the ``similar_tracks`` table.
 
-It reads one model version's vectors from the ``embeddings`` table (``neighbors.vector``: the
-predicted factors by default, the listening-behaviour space the papers' neighbour tables use),
-searches them with :func:`deepcontent.embed.similarity.top_k_cosine` and upserts
-``(track_id, neighbor_track_id, rank, score, model_version)`` rows in one commit. Neighbours of
-every track are recomputed (a new track can become anyone's neighbour), but the upsert commits
-nothing when no row changed, so a re-run with nothing new makes no snapshot.
+1. It reads one model version's vectors from the ``embeddings`` table (``neighbors.vector``:
+   the predicted factors by default, the listening-behaviour space the papers' neighbour tables
+   use), sorted by track id.
+2. **Exact or approximate, by size.** Up to ``neighbors.exact_max_tracks`` vectors it searches
+   exactly (:func:`deepcontent.embed.similarity.top_k_cosine`); beyond, it builds a faiss index
+   (:mod:`deepcontent.embed.ann`; ``neighbors.index``: HNSW by default, or IVF) and searches it
+   for every track, in this process or in ``neighbors.query_tasks`` Ray tasks that share the
+   index through the object store.
+3. **Recall is measured, not assumed.** An approximate run also searches
+   ``neighbors.recall_queries`` seeded queries exactly and records recall@k in the manifest;
+   below ``neighbors.min_recall`` the run fails and commits nothing.
+4. **Index export.** The index (``index.faiss``), the track id of each of its rows
+   (``ids.parquet``) and, in the published pointer, its method, parameters and measured recall
+   are published under ``<root>/indexes/<model_version>/`` so a serving system can load them.
+5. **One commit.** ``(track_id, neighbor_track_id, rank, score, model_version)`` rows are
+   upserted in one commit. Neighbours of every track are recomputed when any vector changed (a
+   new track can become anyone's neighbour); when the vectors are those of the last completed
+   run (same digest, same settings) nothing is searched or committed, so a re-run with nothing
+   new makes no snapshot.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import time
 
 import numpy as np
 import pyarrow as pa
 
 from deepcontent.config import Config
 from deepcontent.datasets import vectors
+from deepcontent.embed import ann
 from deepcontent.embed.similarity import top_k_cosine
+from deepcontent.errors import StageError
 from deepcontent.manifest import log
 from deepcontent.registry import model_registry, production_version
 from deepcontent.stages.base import StageContext, StageResult, StageRun
+from deepcontent.storage import join, safe_key
 
-__all__ = ["STAGE", "run"]
+__all__ = ["STAGE", "NeighborsRecallError", "index_uri", "run", "search_all"]
 
 STAGE = "neighbors"
 
 
+class NeighborsRecallError(StageError):
+    """The approximate index found too few of the true neighbours (``neighbors.min_recall``)."""
+
+
+def index_uri(storage, model_version: str) -> str:
+    """Where the exported index of ``model_version`` is published."""
+    return storage.uri("indexes", safe_key(model_version.replace("/", "_")))
+
+
+def search_all(unit: np.ndarray, *, k: int, method: str, params: dict, seed: int, recall_queries: int,
+               block_rows: int = 2048, query=None) -> tuple[np.ndarray, np.ndarray, dict, object]:
+    """Every row's ``k`` nearest other rows, and how it was done.
+
+    Parameters
+    ----------
+    unit : np.ndarray [shape=(n, d), dtype=float32]
+        Unit-norm rows (:func:`deepcontent.embed.ann.unit_rows`).
+    method : {"exact", "hnsw", "ivf"}
+    params : dict
+        The index parameters (:func:`deepcontent.embed.ann.default_params` and overrides).
+    query : callable, optional
+        ``query(index, unit, k) -> (neighbors, scores)`` searching every row (the Ray fan-out);
+        default: :func:`deepcontent.embed.ann.search_index` in this process.
+
+    Returns
+    -------
+    neighbors : np.ndarray [shape=(n, min(k, n - 1)), dtype=int64]
+        -1 where an approximate index returned fewer rows.
+    scores : np.ndarray [shape=(n, min(k, n - 1)), dtype=float32]
+    report : dict
+        ``method``, ``params``, ``seconds`` per phase and, for an index, ``recall_at_k`` with
+        ``recall_queries``.
+    index : faiss.Index or None
+    """
+    t0 = time.perf_counter()
+    if method == "exact":
+        idx, score = top_k_cosine(unit, k=k, block_rows=block_rows)
+        return idx, score, {"method": "exact", "params": {}, "seconds": {"search": round(time.perf_counter() - t0, 3)}}, None
+    index = ann.build_index(unit, spec=ann.IndexSpec(method, params), seed=seed)
+    t1 = time.perf_counter()
+    if query is None:
+        idx, score = ann.search_index(index, unit, slice(None), k=k)
+    else:
+        idx, score = query(index, unit, k)
+    t2 = time.perf_counter()
+    sample = ann.sample_queries(unit.shape[0], size=recall_queries, seed=seed)
+    recall = ann.recall_at_k(idx[sample], ann.exact_neighbors_of(unit, sample, k=k))
+    t3 = time.perf_counter()
+    report = {"method": method, "params": dict(params), "recall_at_k": round(recall, 5), "recall_queries": len(sample),
+              "seconds": {"build": round(t1 - t0, 3), "search": round(t2 - t1, 3), "recall": round(t3 - t2, 3)}}
+    return idx, score, report, index
+
+
+def _search_rows(index_bytes, unit: np.ndarray, start: int, stop: int, k: int, threads: int):
+    """A Ray task's share: rows ``[start, stop)`` searched in the shared index."""
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, threads))
+    return ann.search_index(ann.index_from_bytes(index_bytes), unit, slice(start, stop), k=k)
+
+
+def _ray_query(*, tasks: int, cpus: float):
+    """A ``query`` for :func:`search_all` that fans the rows out over ``tasks`` Ray tasks."""
+    import ray
+
+    def query(index, unit, k):
+        index_ref, unit_ref = ray.put(ann.index_to_bytes(index)), ray.put(unit)
+        remote = ray.remote(num_cpus=cpus)(_search_rows)
+        bounds = np.linspace(0, unit.shape[0], tasks + 1).astype(int)
+        parts = ray.get([remote.remote(index_ref, unit_ref, int(a), int(b), k, int(cpus))
+                         for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    return query
+
+
+def _similar_rows(track_ids: pa.ChunkedArray, idx: np.ndarray, score: np.ndarray, *, version: str) -> pa.Table:
+    """``similar_tracks`` rows from the neighbour matrix (Arrow takes, no Python lists)."""
+    n, kk = idx.shape
+    found = idx.ravel() >= 0
+    owner = np.repeat(np.arange(n, dtype=np.int64), kk)[found]
+    ids = track_ids.combine_chunks()
+    return pa.table({
+        "track_id": ids.take(pa.array(owner)),
+        "neighbor_track_id": ids.take(pa.array(idx.ravel()[found])),
+        "rank": pa.array(np.tile(np.arange(1, kk + 1, dtype=np.int32), n)[found], pa.int32()),
+        # Rounded so that a recomputation on the same vectors compares equal whatever the BLAS.
+        "score": pa.array(np.round(score.ravel()[found], 6), pa.float32()),
+        "model_version": pa.array(np.full(int(found.sum()), version, dtype=object), pa.string()),
+    })
+
+
+def _export_index(run: StageRun, index, track_ids: pa.ChunkedArray, *, version: str, report: dict, meta: dict) -> str:
+    """Publish the index, its row -> track id map and its description under ``indexes/``."""
+    storage = run.storage
+    uri = index_uri(storage, version)
+    staging = storage.staging_uri(uri, run.run_id)
+    files = [join(staging, "index.faiss"), join(staging, "ids.parquet")]
+    storage.write_bytes(files[0], ann.index_to_bytes(index).tobytes())
+    storage.write_parquet(pa.table({"row": pa.array(np.arange(len(track_ids), dtype=np.int64)),
+                                    "track_id": track_ids}), files[1])
+    run.storage.publish(uri, run_id=run.run_id, files=files, meta={
+        "stage": STAGE, "model_version": version, "metric": "inner product of L2-normalised vectors (cosine)",
+        "method": report["method"], "params": report["params"], "recall_at_k": report.get("recall_at_k"),
+        "recall_queries": report.get("recall_queries"), **meta})
+    return uri
+
+
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     """Run the stage for ``embed.model_version`` (default: production); see the module docstring."""
+    import faiss
     from pyiceberg.expressions import EqualTo
 
     nc, warehouse = cfg.neighbors, ctx.warehouse
@@ -40,24 +169,52 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         if emb.num_rows < 2:
             log.info("neighbors: %d embedded track(s) for %s; nothing to compare", emb.num_rows, version)
             return run.unchanged(outputs=outputs, counts={"tracks": emb.num_rows})
+        unit = ann.unit_rows(vectors(emb[nc.vector]))
+        n = unit.shape[0]
+        method = ann.choose_method(n, exact_max_tracks=nc.exact_max_tracks, index=nc.index)
+        params = {**ann.default_params(method, n=n, k=nc.k), **nc.index_params} if method != "exact" else {}
+        # What this run would compute from: the vectors (and their order) and every setting.
+        digest = hashlib.sha256(unit.tobytes())
+        for chunk in emb["track_id"].chunks:
+            digest.update(b"".join(b.to_pybytes() for b in chunk.buffers() if b is not None))
+        settings = {"k": nc.k, "vector": nc.vector, "method": method, "params": params, "seed": nc.seed,
+                    "min_recall": nc.min_recall, "export": nc.export_index and method != "exact"}
+        fingerprint = f"{version}:{digest.hexdigest()}:{json.dumps(settings, sort_keys=True)}"
+        run.manifest.inputs = {"model_version": version, "vector": nc.vector, "tracks": n}
+        if run.previous(fingerprint, scope=safe_key(version.replace("/", "_")), warehouse=warehouse) is not None:
+            log.info("neighbors: %d vectors of %s are those of the last completed run; nothing to do", n, version)
+            return run.unchanged(outputs=outputs, counts={"tracks": n})
+
+        log.info("neighbors: %d tracks × %d-d (%s), %s search%s", n, unit.shape[1], version, method,
+                 f" ({nc.query_tasks} Ray tasks)" if method != "exact" and nc.query_tasks else "")
+        query = None
+        if method != "exact" and nc.query_tasks:
+            ctx.ensure_ray()
+            query = _ray_query(tasks=nc.query_tasks, cpus=nc.cpus_per_task)
         with run.timed("search"):
-            idx, score = top_k_cosine(vectors(emb[nc.vector]), k=nc.k, block_rows=nc.block_rows)
-        ids = np.asarray(emb["track_id"].to_pylist(), dtype=object)
-        n, kk = idx.shape
-        rows = pa.table({
-            "track_id": pa.array(np.repeat(ids, kk).tolist(), pa.string()),
-            "neighbor_track_id": pa.array(ids[idx.ravel()].tolist(), pa.string()),
-            "rank": pa.array(np.tile(np.arange(1, kk + 1, dtype=np.int32), n), pa.int32()),
-            # Rounded so that a recomputation on the same vectors compares equal whatever the BLAS.
-            "score": pa.array(np.round(score.ravel(), 6), pa.float32()),
-            "model_version": pa.array([version] * (n * kk), pa.string()),
-        })
+            idx, score, report, index = search_all(unit, k=nc.k, method=method, params=params, seed=nc.seed,
+                                                   recall_queries=nc.recall_queries, block_rows=nc.block_rows,
+                                                   query=query)
+        run.manifest.index = report  # in the manifest whether the run goes on or fails here
+        if method != "exact":
+            log.info("neighbors: %s recall@%d = %.4f on %d exact queries (min %.2f)", method, nc.k,
+                     report["recall_at_k"], report["recall_queries"], nc.min_recall)
+            if report["recall_at_k"] < nc.min_recall:
+                raise NeighborsRecallError(
+                    f"neighbors: the {method} index {params} found recall@{nc.k} = {report['recall_at_k']:.4f} on "
+                    f"{report['recall_queries']} seeded exact queries, below neighbors.min_recall = {nc.min_recall}; "
+                    f"nothing committed. Raise the search effort (neighbors.index_params, e.g. ef_search or nprobe) "
+                    f"or set neighbors.exact_max_tracks above {n}")
+        rows = _similar_rows(emb["track_id"], idx, score, version=version)
         with run.timed("commit"):
             committed = run.committed("similar_tracks", warehouse.upsert("similar_tracks", rows, run_id=run.run_id))
-        counts = {"tracks": n, "k": kk, "rows": rows.num_rows}
-        run.manifest.inputs = {"model_version": version, "vector": nc.vector}
-        if not committed:
-            log.info("neighbors: %d tracks × %d neighbours unchanged for %s; nothing committed", n, kk, version)
-            return run.unchanged(outputs=outputs, counts=counts)
-        log.info("neighbors: committed %d tracks × %d neighbours for %s", n, kk, version)
-        return run.succeed(counts=counts, outputs=outputs)
+        if index is not None and nc.export_index:
+            with run.timed("export"):
+                outputs["index"] = _export_index(run, index, emb["track_id"], version=version, report=report,
+                                                 meta={"tracks": n, "dim": int(unit.shape[1]), "k": nc.k,
+                                                       "vector": nc.vector, "faiss": faiss.__version__})
+        counts = {"tracks": n, "k": idx.shape[1], "rows": rows.num_rows}
+        log.info("neighbors: %s %d tracks × %d neighbours for %s", "committed" if committed else "unchanged:",
+                 n, idx.shape[1], version)
+        return run.succeed(counts=counts, outputs=outputs, published=committed or "index" in outputs,
+                           fingerprint=fingerprint, scope=safe_key(version.replace("/", "_")), index=report)
