@@ -95,15 +95,15 @@ def warehouse(storage, tmp_path):
         wh.close()
 
 
-def embeddings(rows):
+def embeddings(rows, audio="sha"):
     """rows: (track_id, model_version, predicted_factors, embedding) -> an embeddings table
-    with plain (non-large) Arrow types, as a stage would build it."""
+    with plain (non-large) Arrow types, as a stage would build it; audio hash ``<audio>-<track>``."""
     return pa.table({
         "track_id": [r[0] for r in rows],
         "model_version": [r[1] for r in rows],
         "predicted_factors": pa.array([r[2] for r in rows], pa.list_(pa.float32())),
         "embedding": pa.array([r[3] for r in rows], pa.list_(pa.float64())),
-        "audio_sha256": [f"sha-{r[0]}" for r in rows],
+        "audio_sha256": [f"{audio}-{r[0]}" for r in rows],
         "computed_at": pa.array([NOW] * len(rows), pa.timestamp("us", tz="UTC")),
     })
 
@@ -224,7 +224,12 @@ def test_upsert_replaces_changed_adds_new_and_skips_identical(warehouse):
     assert warehouse.upsert("embeddings", first, run_id="u2") is False  # identical: no commit
     assert warehouse.snapshot_count("embeddings") == n
 
-    second = embeddings([("T1", "v1", [9, 2], [0.5]), ("T3", "v1", [5, 6], [0.75])])  # T1/v1 changed, T3 new
+    # An embedding changes when its audio does (the table's change column): the same audio with
+    # other vectors (a recomputation on other hardware) is not a change.
+    same_audio = embeddings([("T1", "v1", [1.0001, 2], [0.5])])
+    assert warehouse.upsert("embeddings", same_audio, run_id="u2b") is False
+
+    second = embeddings([("T1", "v1", [9, 2], [0.5]), ("T3", "v1", [5, 6], [0.75])], audio="new")  # T1/v1 changed, T3 new
     assert warehouse.upsert("embeddings", second, run_id="u3") is True
     n = warehouse.snapshot_count("embeddings")
     got = by_key(warehouse.read("embeddings"), "embeddings")  # asserts one row per key

@@ -370,6 +370,15 @@ class TrainConfig(_Section):
     ingest_concurrency: int = Field(2, ge=1)
     # Windows per forward pass when scoring whole clips (validation).
     eval_batch_size: int = Field(256, ge=1)
+    # Bytes of clips (float16 frames plus targets) one worker may hold at once. A worker whose
+    # train and valid shards fit together keeps both resident (pulled once: the fast path). A
+    # train shard that fits alone stays resident and the valid clips are scored batch by batch
+    # as they stream in; a larger one is streamed every epoch through a shuffle buffer (fill it
+    # to the budget, draw random windows for that fill's share of the epoch's steps, refill);
+    # the valid clips then stay resident if they take at most half the budget (the buffer gets
+    # the rest), else they stream too. 4 GiB ≈ 13,000 clips of 30 s × 128 bands; a catalog of
+    # 1M × 10 s clips is ≈ 110 GB (see docs/architecture.md, training memory).
+    cache_bytes: int = Field(4 * 2**30, ge=1)
     prefetch_batches: int = Field(2, ge=0)
     # Worker failures a run recovers from (from its latest checkpoint) before it fails.
     max_failures: int = Field(2, ge=-1)
@@ -477,12 +486,27 @@ class NeighborsConfig(_Section):
     export_index: bool = True
 
 
+class MaintainConfig(_Section):
+    """The ``maintain`` stage: compaction and snapshot expiry of the Iceberg tables."""
+
+    # Tables to maintain (default: every warehouse table that exists).
+    tables: tuple[str, ...] = ()
+    # Snapshots older than this (beyond the last retain_last) are expired: time travel reaches
+    # back this far, and a reader that planned on an older snapshot has this long to finish.
+    older_than_hours: float = Field(72.0, ge=0.0)
+    retain_last: int = Field(5, ge=1)
+    # Compact a partition whose position deletes mask at least this fraction of its rows, or
+    # that holds at least min_files data files (each nightly adds about one per partition).
+    min_deleted_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    min_files: int = Field(8, ge=2)
+
+
 class NightlyConfig(_Section):
     """The ``nightly`` job: ingest -> spectrograms -> embed -> neighbors for what changed."""
 
     # Stages the nightly run covers, in order: incremental stages of the registry
     # (deepcontent.stages.STAGES).
-    stages: tuple[str, ...] = ("ingest", "spectrograms", "embed", "neighbors")
+    stages: tuple[str, ...] = ("ingest", "spectrograms", "embed", "neighbors", "maintain")
 
     @field_validator("stages")
     @classmethod
@@ -548,6 +572,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     neighbors: NeighborsConfig = Field(default_factory=NeighborsConfig)
+    maintain: MaintainConfig = Field(default_factory=MaintainConfig)
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 

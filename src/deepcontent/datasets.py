@@ -70,12 +70,25 @@ _FLOATS = pa.list_(pa.field("element", pa.float32(), nullable=False))
 class Table:
     """A warehouse (Iceberg) table: name, Arrow schema (non-nullable fields are Iceberg
     ``required``), key columns (Iceberg identifier fields: at most one row per key after an
-    upsert)."""
+    upsert).
+
+    ``partition``: the Iceberg partition fields, ``("identity", column)`` or ``("bucket", column,
+    n)``; an upsert reads only the partitions its keys fall in, and maintenance compacts per
+    partition. ``change_columns``: the columns whose difference makes a stored row "changed"
+    for an upsert (default: every non-key column); an upsert reads only keys and these."""
 
     name: str
     schema: pa.Schema
     keys: tuple[str, ...]
     doc: str
+    partition: tuple[tuple, ...] = ()
+    change_columns: tuple[str, ...] | None = None
+
+    @property
+    def compare_columns(self) -> tuple[str, ...]:
+        if self.change_columns is not None:
+            return self.change_columns
+        return tuple(n for n in self.schema.names if n not in self.keys)
 
 
 @dataclass(frozen=True)
@@ -201,6 +214,9 @@ SIMILAR_TRACKS_SCHEMA = pa.schema([
 ])
 
 # --------------------------------------------------------------------------- warehouse tables
+#: Buckets of track id in the per-track tables: ~60k rows a bucket at a million tracks, so a
+#: nightly's files per partition stay few and a compaction rewrites one bucket at a time.
+TRACK_BUCKETS = 16
 TABLES: dict[str, Table] = {t.name: t for t in (
     Table("tracks", TRACKS_SCHEMA, ("track_id",), "the catalog's tracks with their audio location (ingest)"),
     Table("plays", PLAYS_SCHEMA, ("user_id", "song_id"), "listening counts per user and song (ingest)"),
@@ -214,10 +230,16 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("item_factors", _factors_schema("song_id", split=True), ("song_id",),
           "WMF song factors of the train and valid songs (factorize)"),
     Table("user_factors", _factors_schema("user_id", split=False), ("user_id",), "WMF user factors (factorize)"),
+    # Partitioned by model version and a bucket of the track id: a nightly's upsert reads the
+    # key columns of the partitions it touches, never the vectors (an embedding changes exactly
+    # when its audio does: same model version, same audio -> same vector).
     Table("embeddings", EMBEDDINGS_SCHEMA, ("track_id", "model_version"),
-          "one predicted-factor vector and one embedding per track and model version (embed)"),
+          "one predicted-factor vector and one embedding per track and model version (embed)",
+          partition=(("identity", "model_version"), ("bucket", "track_id", TRACK_BUCKETS)),
+          change_columns=("audio_sha256",)),
     Table("similar_tracks", SIMILAR_TRACKS_SCHEMA, ("track_id", "model_version", "rank"),
-          "top-k cosine neighbours per track and model version (neighbors)"),
+          "top-k cosine neighbours per track and model version (neighbors)",
+          partition=(("identity", "model_version"), ("bucket", "track_id", TRACK_BUCKETS))),
 )}
 
 # --------------------------------------------------------------------------- datasets

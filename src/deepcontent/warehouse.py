@@ -46,9 +46,7 @@ from pyiceberg.expressions import (  # noqa: E402
     AlwaysTrue,
     And,
     BooleanExpression,
-    GreaterThanOrEqual,
     In,
-    LessThanOrEqual,
 )
 from pyiceberg.io.pyarrow import schema_to_pyarrow  # noqa: E402
 from pyiceberg.schema import Schema  # noqa: E402
@@ -92,8 +90,6 @@ TABLE_PROPERTIES = {"commit.retry.num-retries": "0"}
 def _backoff(attempt: int) -> None:
     """Sleep a little (randomised) before re-planning a commit another writer beat."""
     time.sleep(min(0.05 * 2 ** attempt, 1.0) * (0.5 + random.random()))
-# Most distinct key values an upsert looks up with an exact In filter (see _probe_filter).
-_IN_LIMIT = 200
 
 
 # --------------------------------------------------------------------------- schemas
@@ -133,8 +129,30 @@ def iceberg_schema(table: Table) -> Schema:
     return Schema(*fields, identifier_field_ids=ids)
 
 
+def partition_spec(table: Table, schema: Schema):
+    """The Iceberg partition spec of a catalog table (:attr:`Table.partition`): identity and
+    bucket fields on its columns, field ids from 1000 as Iceberg numbers them."""
+    from pyiceberg.partitioning import PartitionField, PartitionSpec
+    from pyiceberg.transforms import BucketTransform, IdentityTransform
+
+    fields = []
+    for i, p in enumerate(table.partition):
+        kind, column = p[0], p[1]
+        source = schema.find_field(column).field_id
+        if kind == "identity":
+            fields.append(PartitionField(source_id=source, field_id=1000 + i, transform=IdentityTransform(), name=column))
+        elif kind == "bucket":
+            fields.append(PartitionField(source_id=source, field_id=1000 + i, transform=BucketTransform(int(p[2])),
+                                         name=f"{column}_bucket"))
+        else:
+            raise WarehouseSchemaError(f"table {table.name!r}: unknown partition transform {kind!r}")
+    return PartitionSpec(*fields)
+
+
 #: The Iceberg schema of every warehouse table (:data:`deepcontent.datasets.TABLES`).
 TABLE_SCHEMAS: dict[str, Schema] = {name: iceberg_schema(t) for name, t in TABLES.items()}
+#: Its partition spec (unpartitioned for the tables a stage re-derives whole).
+TABLE_SPECS = {name: partition_spec(t, TABLE_SCHEMAS[name]) for name, t in TABLES.items()}
 #: Key columns per table: at most one row per key after an upsert.
 TABLE_KEYS: dict[str, tuple[str, ...]] = {name: t.keys for name, t in TABLES.items()}
 TABLE_NAMES: tuple[str, ...] = tuple(TABLES)
@@ -438,8 +456,11 @@ class Warehouse:
                     if any(tbl.properties.get(k) != v for k, v in TABLE_PROPERTIES.items()):
                         with tbl.transaction() as tx:  # a table made before the property was set
                             tx.set_properties(TABLE_PROPERTIES)
+                    if tbl.spec().is_unpartitioned() and not TABLE_SPECS[name].is_unpartitioned():
+                        _evolve_spec(tbl, TABLES[name])  # made before it was partitioned
                     continue
-                self.catalog.create_table_if_not_exists(ident, schema=TABLE_SCHEMAS[name], properties=TABLE_PROPERTIES)
+                self.catalog.create_table_if_not_exists(ident, schema=TABLE_SCHEMAS[name], properties=TABLE_PROPERTIES,
+                                                        partition_spec=TABLE_SPECS[name])
                 created.append(name)
         except WarehouseError:
             raise
@@ -534,6 +555,7 @@ class Warehouse:
             except Exception as exc:
                 raise self._fail(f"cannot append to warehouse table {name!r} (run {run_id})", exc) from None
             log.info("appended %d rows to %s (run %s)", data.num_rows, name, run_id)
+            _note_commit(self.table(name), name, run_id)
             return True
         raise WarehouseError(self._redact(f"append to {name!r} (run {run_id}) failed {_COMMIT_ATTEMPTS} times; "
                                           f"last: {last_error}"))
@@ -578,46 +600,68 @@ class Warehouse:
             except Exception as exc:
                 raise self._fail(f"cannot replace warehouse table {name!r} (run {run_id})", exc) from None
             log.info("replaced %s with %d rows (run %s)", name, rows, run_id)
+            _note_commit(self.table(name), name, run_id)
             return True
         raise WarehouseError(self._redact(f"replace of {name!r} (run {run_id}) failed {_COMMIT_ATTEMPTS} times; "
                                           f"last: {last_error}"))
 
-    def upsert(self, name: str, data: pa.Table, *, run_id: str) -> bool:
+    def upsert(self, name: str, data, *, run_id: str) -> bool:
         """Insert or replace rows by the table's key (:data:`TABLE_KEYS`) in one commit.
 
-        Rows whose key is new are added; rows whose key exists with different values replace
-        the old row; rows identical to what is stored are skipped. Returns False (and commits
-        nothing) when nothing changes, so re-running a stage on the same data is a no-op. The
-        commit is tagged with ``run_id``. ``data`` must not repeat a key.
+        Rows whose key is new are added; rows whose key exists with different values (in the
+        table's :attr:`~deepcontent.datasets.Table.compare_columns`) replace the old row; rows
+        identical to what is stored are skipped. Returns False (and commits nothing) when
+        nothing changes, so re-running a stage on the same data is a no-op. The commit is
+        tagged with ``run_id``. ``data`` must not repeat a key.
 
-        Implementation: stored rows are located by the key column that varies most in ``data``
-        (an ``In`` filter, or a min/max range beyond 200 values) and compared column by column
-        in Arrow; the changed keys' rows are replaced by a filtered overwrite in the same
-        transaction as the inserts: one catalog commit, which may hold two snapshots (delete +
-        append). pyiceberg's own ``Table.upsert`` is not used: for composite keys it builds an
-        ``Or`` of one predicate per row and compares rows one by one in Python."""
+        ``data`` is a table, a sequence of tables, or a function returning an iterable of them
+        (called twice: once to plan from the key columns, once to write), so the driver holds
+        one part at a time, never the whole upsert.
+
+        Merge-on-read (:mod:`deepcontent.table_merge`): only the key and compare columns of the
+        stored rows in the partitions the incoming keys fall in are read; changed rows' old
+        copies become position deletes, new and changed rows new data files, in one snapshot.
+        Its cost follows the change, not the table; ``deepcontent maintain`` compacts."""
+        from deepcontent import table_merge as tm
+
         _check_run_id(run_id)
-        data = conform(name, data)
-        keys = list(TABLE_KEYS[name])
-        if data.num_rows == 0:
+        make_parts = data if callable(data) else ((lambda: [data]) if isinstance(data, (pa.Table, pa.RecordBatch))
+                                                  else (lambda: data))
+        _check_name(name)
+        decl = TABLES[name]
+        keys, compare = list(decl.keys), list(decl.compare_columns)
+        # Pass 1: the incoming keys and compare columns only.
+        heads = [conform(name, p).select(keys + compare) for p in make_parts()]
+        if not sum(h.num_rows for h in heads):
             return False
-        _check_unique(name, data, keys)
+        incoming = pa.concat_tables(heads).combine_chunks()
+        sizes = [h.num_rows for h in heads]
+        _check_unique(name, incoming, keys)
         last_error = ""
         for attempt in range(_COMMIT_ATTEMPTS):
             tbl = self.table(name)
             try:
-                plan = _plan_upsert(tbl, data, keys)
-                if plan is None:
+                prune = _identity_filter(tbl, incoming)
+                stored, tasks = tm.stored_keys(tbl, columns=keys + compare, partitions=tm.partition_values(tbl, incoming),
+                                               row_filter=prune)
+                plan = tm.plan_merge(incoming, stored, keys=keys, compare=compare)
+                if plan.empty:
                     log.info("upsert to %s (run %s): nothing changed", name, run_id)
                     return False
-                rewrite, overwrite_filter, n_new, n_changed = plan
-                props = {RUN_ID_PROPERTY: run_id}
                 crash_point(f"warehouse:before_commit:{name}")
                 with tbl.transaction() as tx:
-                    if overwrite_filter is None:
-                        tx.append(rewrite, snapshot_properties=props)
-                    else:
-                        tx.overwrite(rewrite, overwrite_filter=overwrite_filter, snapshot_properties=props)
+                    with tm.MergeOnReadCommit.of(tx, {RUN_ID_PROPERTY: run_id}) as commit:
+                        # Pass 2: each part's rows to write, one part at a time.
+                        bounds = np.cumsum([0] + sizes)
+
+                        def rows_to_write():
+                            for k, part in enumerate(make_parts()):
+                                mask = plan.write[bounds[k]:bounds[k + 1]]
+                                if mask.any():
+                                    yield conform(name, part).filter(pa.array(mask))
+
+                        tm.write_data_files(tx, commit, rows_to_write())
+                        tm.apply_deletes(tbl, commit, tasks, plan)
             except (CommitFailedException, OSError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
                 # Another writer committed (or a store write failed before our commit): re-plan
@@ -628,81 +672,99 @@ class Warehouse:
                 raise
             except Exception as exc:
                 raise self._fail(f"cannot upsert into warehouse table {name!r} (run {run_id})", exc) from None
-            log.info("upserted into %s (run %s): %d new, %d changed rows", name, run_id, n_new, n_changed)
+            log.info("upserted into %s (run %s): %d new, %d changed rows", name, run_id, plan.n_new, plan.n_changed)
+            _note_commit(self.table(name), name, run_id)
             return True
         raise WarehouseError(self._redact(f"upsert into {name!r} (run {run_id}) failed {_COMMIT_ATTEMPTS} times; "
                                           f"last: {last_error}"))
 
+    # ------------------------------------------------------------------ maintenance
+    def snapshot_id(self, name: str) -> int | None:
+        """The table's current snapshot id (None before its first commit)."""
+        snap = self.table(name).current_snapshot()
+        return None if snap is None else snap.snapshot_id
+
+    def metadata_location(self, name: str) -> str:
+        """The table's current metadata file (what an engine without the catalog opens)."""
+        return self.table(name).metadata_location
+
+    def maintain(self, name: str, *, run_id: str, older_than_s: float, retain_last: int, min_files: int,
+                 min_deleted_fraction: float = 0.1) -> dict:
+        """Compact partitions whose position deletes mask ``min_deleted_fraction`` of their rows
+        or that hold ``min_files`` or more data files (:func:`deepcontent.table_merge.compact_partitions`),
+        then expire snapshots older than ``older_than_s`` seconds (keeping the last
+        ``retain_last``). Returns counts; a table that needs nothing gets no new snapshot."""
+        from deepcontent import table_merge as tm
+
+        last_error = ""
+        for attempt in range(_COMMIT_ATTEMPTS):
+            tbl = self.table(name)
+            try:
+                crash_point(f"warehouse:before_commit:{name}")
+                compacted = tm.compact_partitions(tbl, run_properties={RUN_ID_PROPERTY: run_id}, min_files=min_files,
+                                                  min_deleted_fraction=min_deleted_fraction)
+                if compacted["partitions"]:
+                    _note_commit(self.table(name), name, run_id)
+                break
+            except (CommitFailedException, OSError) as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                _backoff(attempt)
+        else:
+            raise WarehouseError(self._redact(f"compaction of {name!r} failed {_COMMIT_ATTEMPTS} times; last: {last_error}"))
+        tbl = self.table(name)
+        snaps = sorted(tbl.snapshots(), key=lambda s: s.timestamp_ms)
+        keep = {s.snapshot_id for s in snaps[-max(1, retain_last):]}
+        if tbl.current_snapshot() is not None:
+            keep.add(tbl.current_snapshot().snapshot_id)
+        cutoff = (time.time() - older_than_s) * 1000
+        expire = [s.snapshot_id for s in snaps if s.snapshot_id not in keep and s.timestamp_ms < cutoff]
+        if expire:
+            try:
+                tbl.maintenance.expire_snapshots().by_ids(expire).commit()
+            except Exception as exc:
+                raise self._fail(f"cannot expire snapshots of {name!r}", exc) from None
+        return {**compacted, "snapshots_expired": len(expire)}
+
 
 # --------------------------------------------------------------------------- helpers
-def _plan_upsert(tbl: "Table", data: pa.Table, keys: list[str]):
-    """What an upsert of ``data`` must write: ``None`` when nothing changes, else
-    ``(rows_to_write, overwrite_filter_or_None, n_new, n_changed)``."""
-    # Probe on the key column with the most distinct values: the tightest single-column filter.
-    distinct = {k: pc.unique(data.column(k)) for k in keys}
-    probe = max(keys, key=lambda k: len(distinct[k]))
-    read_filter, _ = _probe_filter(probe, distinct[probe])
-    existing = tbl.scan(row_filter=read_filter).to_arrow()
-    # One chunk each: take() on many-chunked columns is slow in Arrow.
-    existing = existing.select(data.column_names).cast(data.schema).combine_chunks()
-    data = data.combine_chunks()
+def _identity_filter(tbl: "Table", data: pa.Table):
+    """A filter on the identity-partition columns (``model_version``) matching ``data``'s
+    values, so the scan prunes other partitions' manifests; AlwaysTrue when there are none."""
+    from pyiceberg.transforms import IdentityTransform
 
-    src = data.select(keys).append_column("__src", pa.array(np.arange(data.num_rows, dtype=np.int64)))
-    dst = existing.select(keys).append_column("__dst", pa.array(np.arange(existing.num_rows, dtype=np.int64)))
-    matched = src.join(dst, keys=keys, join_type="inner")
-    src_idx = np.asarray(matched.column("__src").to_numpy(), dtype=np.int64)
-    dst_idx = np.asarray(matched.column("__dst").to_numpy(), dtype=np.int64)
-
-    same = np.ones(len(src_idx), dtype=bool)
-    if len(src_idx):
-        a, b = data.take(pa.array(src_idx)), existing.take(pa.array(dst_idx))
-        for col in data.column_names:
-            if col not in keys:
-                same &= _column_equal(a.column(col), b.column(col))
-    is_new = np.ones(data.num_rows, dtype=bool)
-    is_new[src_idx] = False
-    # A stored key may appear more than once (written by plain appends): it counts as changed
-    # unless every stored copy equals the incoming row, and then all copies are replaced by one.
-    changed_src = np.unique(src_idx[~same])
-    changed_mask = np.zeros(data.num_rows, dtype=bool)
-    changed_mask[changed_src] = True
-    changed_mask[np.bincount(src_idx, minlength=data.num_rows) > 1] = True
-    new_rows = data.filter(pa.array(is_new))
-    if not changed_mask.any():
-        if new_rows.num_rows == 0:
-            return None
-        return new_rows, None, new_rows.num_rows, 0
-
-    changed_rows = data.filter(pa.array(changed_mask))
-    # Everything stored that the overwrite filter matches is deleted; put back the stored rows
-    # it matches that are not being replaced. (The filter matches a subset of what was read.)
-    overwrite_filter, matches = _probe_filter(probe, pc.unique(changed_rows.column(probe)))
-    replaced = np.zeros(existing.num_rows, dtype=bool)
-    replaced[dst_idx[changed_mask[src_idx]]] = True
-    keep = existing.filter(pa.array(matches(existing.column(probe)) & ~replaced))
-    rewrite = pa.concat_tables([keep, changed_rows, new_rows])
-    return rewrite, overwrite_filter, new_rows.num_rows, int(changed_mask.sum())
+    schema, expr = tbl.schema(), AlwaysTrue()
+    for f in tbl.spec().fields:
+        if isinstance(f.transform, IdentityTransform):
+            column = schema.find_field(f.source_id).name
+            values = In(column, pc.unique(data[column]).to_pylist())
+            expr = values if isinstance(expr, AlwaysTrue) else And(expr, values)
+    return expr
 
 
-def _probe_filter(column: str, values: pa.Array):
-    """An Iceberg filter on ``column`` matching at least ``values``, and the same test in Arrow.
+def _evolve_spec(tbl: "Table", decl: Table) -> None:
+    """Give a table made unpartitioned its declared partition spec (new files follow it; old
+    files stay readable under spec 0 until compacted)."""
+    from pyiceberg.transforms import BucketTransform, IdentityTransform
 
-    Up to :data:`_IN_LIMIT` values: an exact ``In`` (pyiceberg prunes data files by their
-    column bounds only up to 200 literals, and binding a large ``In`` costs ~25 us per value).
-    Beyond: the range ``min <= column <= max``, cheap to bind and still pruning files by bounds."""
-    if len(values) <= _IN_LIMIT:
-        def in_values(col: pa.ChunkedArray) -> np.ndarray:
-            return np.asarray(pc.is_in(col, value_set=values).to_numpy(zero_copy_only=False), dtype=bool)
+    with tbl.update_spec() as update:
+        for p in decl.partition:
+            if p[0] == "identity":
+                update.add_field(p[1], IdentityTransform(), p[1])
+            else:
+                update.add_field(p[1], BucketTransform(int(p[2])), f"{p[1]}_bucket")
 
-        return In(column, values.to_pylist()), in_values
-    bounds = pc.min_max(values)
-    lo, hi = bounds["min"], bounds["max"]
 
-    def in_range(col: pa.ChunkedArray) -> np.ndarray:
-        mask = pc.and_(pc.greater_equal(col, lo), pc.less_equal(col, hi))
-        return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
+#: ``(run_id, table) -> {"snapshot_id", "sequence_number", "metadata_location"}`` of the commits
+#: this process made: what a stage's manifest records (``StageRun.committed``).
+COMMITS: dict[tuple[str, str], dict] = {}
 
-    return And(GreaterThanOrEqual(column, lo.as_py()), LessThanOrEqual(column, hi.as_py())), in_range
+
+def _note_commit(tbl: "Table", name: str, run_id: str) -> None:
+    snaps = [s for s in tbl.snapshots() if s.summary is not None and s.summary[RUN_ID_PROPERTY] == run_id]
+    if snaps:
+        last = max(snaps, key=lambda s: s.sequence_number or 0)
+        COMMITS[(run_id, name)] = {"snapshot_id": last.snapshot_id, "sequence_number": last.sequence_number,
+                                   "metadata_location": tbl.metadata_location}
 
 
 def _check_unique(name: str, data: pa.Table, keys: list[str]) -> None:

@@ -212,7 +212,7 @@ def sample_queries(n: int, *, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=min(size, n), replace=False)).astype(np.int64)
 
 
-def exact_neighbors_of(unit: np.ndarray, rows: np.ndarray, *, k: int, block_rows: int = 1024) -> np.ndarray:
+def exact_neighbors_of(unit: np.ndarray, rows: np.ndarray, *, k: int, block_bytes: int = 256 << 20) -> np.ndarray:
     """Exact top-``k`` other rows of the rows ``rows`` (the recall reference).
 
     Parameters
@@ -228,11 +228,14 @@ def exact_neighbors_of(unit: np.ndarray, rows: np.ndarray, *, k: int, block_rows
     n = unit.shape[0]
     kk = min(k, n - 1)
     out = np.empty((len(rows), kk), np.int64)
+    # Queries per product so the (b, n) similarities stay within block_bytes (argpartition's
+    # int64 result is twice that): 64 rows at a million tracks.
+    block_rows = max(1, min(1024, block_bytes // (4 * n)))
     for s in range(0, len(rows), block_rows):
         q = rows[s : s + block_rows]
         sims = unit[q] @ unit.T
         sims[np.arange(len(q)), q] = -np.inf
-        cand = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        cand = np.argpartition(sims, n - kk, axis=1)[:, n - kk:]  # the kk largest
         order = np.lexsort((cand, -np.take_along_axis(sims, cand, axis=1)), axis=1)
         out[s : s + len(q)] = np.take_along_axis(cand, order, axis=1)
     return out

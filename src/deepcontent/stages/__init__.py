@@ -78,8 +78,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           incremental=True),
     Stage("evaluate", "ray", "cold-start metrics (mAP@500, AUC, NDCG@10, recall@50) per method, transfer to "
                              "GTZAN / MTAT layouts, HTML report"),
-    Stage("nightly", "spark", "ingest -> spectrograms -> embed -> neighbors for new or changed tracks with the "
-                              "production model; run summary", in_pipeline=False),
+    Stage("maintain", "ray", "compact Iceberg partitions holding position deletes or small files; expire old "
+                             "snapshots (no commit when nothing needs it)", incremental=True, in_pipeline=False),
+    Stage("nightly", "spark", "ingest -> spectrograms -> embed -> neighbors -> maintain for new or changed tracks "
+                              "with the production model; run summary", in_pipeline=False),
 )}
 
 #: The stages ``deepcontent pipeline`` runs, in order.

@@ -273,6 +273,13 @@ class StageRun:
         check the warehouse still holds the commit. Returns ``changed``."""
         if changed:
             self._committed.append(table)
+            from deepcontent.warehouse import COMMITS
+
+            # The Iceberg snapshot this run produced, and the metadata file an engine opens.
+            if (self.run_id, table) in COMMITS:
+                snapshots = dict(getattr(self.manifest, "snapshots", {}) or {})
+                snapshots[table] = COMMITS[(self.run_id, table)]
+                self.manifest.snapshots = snapshots
         crash_point(f"{self.stage}:after_commit:{table}")
         return changed
 

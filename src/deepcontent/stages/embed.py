@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -190,12 +191,17 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
 
         with run.timed("commit"):
             files = [s["file"] for s in staged]
-            out = storage.read_parquet(files) if files else STAGED_SCHEMA.empty_table()
+            # The driver reads only the small columns of the staged files to account for every
+            # clip; the vectors stream from staged file to table data file one file at a time.
+            heads = [storage.read_parquet(f, columns=["track_id", "audio_sha256", "status"]) for f in files]
+            head = pa.concat_tables(heads) if heads else STAGED_SCHEMA.empty_table().select(
+                ["track_id", "audio_sha256", "status"])
             # A shard re-read by a retried task can repeat a clip: keep one row per pair.
-            out = _one_per_pair(out)
+            first = _first_per_pair(head)
+            out = head.filter(pa.array(first))
             status = Counter(out["status"].to_pylist())
             bad = out.filter(pc.not_equal(out["status"], "ok"))
-            good = out.filter(pc.equal(out["status"], "ok"))
+            n_good = out.num_rows - bad.num_rows
             missing = max(pending.num_rows - out.num_rows, 0)
             run.reject(pa.table({
                 "source": bad["track_id"], "reason": bad["status"],
@@ -207,12 +213,21 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             run.check_quarantine([QuarantineCheck(rejected, pending.num_rows, unit="clips", label=f"model {version}")],
                                  limit=ec.max_quarantine_fraction)
             computed_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-            rows = pa.table({
-                "track_id": good["track_id"], "model_version": pa.array([version] * good.num_rows, pa.string()),
-                "predicted_factors": good["predicted_factors"], "embedding": good["embedding"],
-                "audio_sha256": good["audio_sha256"],
-                "computed_at": pa.array([computed_at] * good.num_rows, pa.timestamp("us", tz="UTC")),
-            })
+            keep = [pc.and_(pa.array(first[o:o + h.num_rows]), pc.equal(h["status"], "ok"))
+                    for o, h in zip(np.cumsum([0] + [h.num_rows for h in heads]), heads)]
+
+            def rows():
+                for f, mask in zip(files, keep):
+                    if not pc.any(mask).as_py():
+                        continue
+                    good = storage.read_parquet(f).filter(mask)
+                    yield pa.table({
+                        "track_id": good["track_id"], "model_version": pa.array([version] * good.num_rows, pa.string()),
+                        "predicted_factors": good["predicted_factors"], "embedding": good["embedding"],
+                        "audio_sha256": good["audio_sha256"],
+                        "computed_at": pa.array([computed_at] * good.num_rows, pa.timestamp("us", tz="UTC")),
+                    })
+
             committed = run.committed("embeddings", warehouse.upsert("embeddings", rows, run_id=run.run_id))
             run.publish_quarantine()
         # Staged files are only inputs of the commit: this run's, and those killed runs left
@@ -220,11 +235,23 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         storage.sweep_prefix(storage.uri(EMBED_STAGING), own=staging)
 
         log.info("embed: committed %d embeddings (%d new, %d changed) to %s in one commit; quarantined %d",
-                 good.num_rows, counts["new"], n_changed, outputs["table"], bad.num_rows)
-        return run.succeed(counts={**counts, "embedded": good.num_rows, "quarantined": bad.num_rows},
+                 n_good, counts["new"], n_changed, outputs["table"], bad.num_rows)
+        return run.succeed(counts={**counts, "embedded": n_good, "quarantined": bad.num_rows},
                            quarantined={k: v for k, v in status.items() if k != "ok"}, outputs=outputs,
                            published=committed, model_version=version, seconds=dict(run.manifest.timings_s),
                            fingerprint=fingerprint)
+
+
+def _first_per_pair(t: pa.Table) -> np.ndarray:
+    """``(n,)`` bool: the first row of each (track_id, audio_sha256) pair."""
+    if t.num_rows == 0:
+        return np.zeros(0, dtype=bool)
+    rows = pa.table({"k": pair_keys(t["track_id"], t["audio_sha256"]),
+                     "i": pa.array(np.arange(t.num_rows, dtype=np.int64))})
+    firsts = rows.group_by("k").aggregate([("i", "min")])["i_min"].to_numpy()
+    mask = np.zeros(t.num_rows, dtype=bool)
+    mask[firsts] = True
+    return mask
 
 
 def _one_per_pair(t: pa.Table) -> pa.Table:
