@@ -156,3 +156,28 @@ def test_plan_merge_is_pure():
     assert plan.write.tolist() == [False, True, True]  # a same; b stored twice -> changed; c new
     assert sorted(zip(plan.delete_file.tolist(), plan.delete_pos.tolist())) == [(0, 1), (1, 0)]
     assert (plan.n_new, plan.n_changed) == (1, 1)
+
+
+def test_maintain_stage_compacts_once_and_its_manifest_names_the_snapshot(tmp_path):
+    from support import config_for, run_stage
+
+    storage = Storage(f"file://{tmp_path}/store")
+    storage.ensure_root()
+    cfg = config_for(storage, tmp_path, **{"maintain.older_than_hours": 0, "maintain.retain_last": 1})
+    ids = [f"T{i:04d}" for i in range(300)]
+    with Warehouse.from_config(cfg.warehouse, storage) as wh:
+        wh.ensure_tables(["embeddings"])
+        wh.upsert("embeddings", emb(ids), run_id="load")
+        wh.upsert("embeddings", emb(ids[:120], audio="b"), run_id="night")  # 40% of the rows deleted
+    result = run_stage("maintain", cfg, storage)
+    assert result.published and result.counts["partitions"] > 0 and result.counts["snapshots_expired"] >= 1
+    manifest = storage.read_json(result.manifest_uri)
+    with Warehouse.from_config(cfg.warehouse, storage) as wh:
+        snap = manifest["snapshots"]["embeddings"]
+        assert snap["snapshot_id"] == wh.snapshot_id("embeddings")
+        # the metadata file of the compaction commit (expiry then wrote a newer one)
+        assert snap["metadata_location"].endswith(".metadata.json") and storage.exists(snap["metadata_location"])
+        assert not any(t.delete_files for t in wh.table("embeddings").scan().plan_files())
+        assert len(rows_by_key(wh.read("embeddings"))) == 300
+    again = run_stage("maintain", cfg, storage)
+    assert not again.published and again.manifest_uri is None
