@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from deepcontent.embed.similarity import unit_rows
+
 __all__ = [
     "IndexSpec",
     "build_index",
@@ -52,32 +54,6 @@ class IndexSpec:
 
     method: str
     params: dict[str, Any] = field(default_factory=dict)
-
-
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm; all-zero rows stay zero (similarity 0 to anything).
-
-    Parameters
-    ----------
-    vectors : np.ndarray [shape=(n, d)]
-
-    Returns
-    -------
-    unit : np.ndarray [shape=(n, d), dtype=float32, C-contiguous]
-
-    Raises
-    ------
-    ValueError
-        If ``vectors`` is not 2-D or holds NaN / inf (the count of bad rows is named).
-    """
-    x = np.asarray(vectors, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"vectors must be 2-D (n, d), got shape {x.shape}")
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).any(axis=1).sum())
-        raise ValueError(f"vectors has {bad} row(s) with NaN or inf; quarantine them before searching")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(np.divide(x, norms, out=np.zeros_like(x), where=norms > 0))
 
 
 def choose_method(n: int, *, exact_max_tracks: int, index: str) -> str:

@@ -10,7 +10,34 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["top_k_cosine"]
+__all__ = ["top_k_cosine", "unit_rows"]
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm; all-zero rows stay zero (similarity 0 to anything).
+
+    Parameters
+    ----------
+    vectors : np.ndarray [shape=(n, d)]
+
+    Returns
+    -------
+    unit : np.ndarray [shape=(n, d), dtype=float32, C-contiguous]
+
+    Raises
+    ------
+    ValueError
+        If ``vectors`` is not 2-D or holds NaN / inf (the count of bad rows is named).
+    """
+    x = np.asarray(vectors, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"vectors must be 2-D (n, d), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=1).sum())
+        raise ValueError(f"vectors has {bad} row(s) with NaN or inf; quarantine them before searching")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(np.divide(x, norms, out=np.zeros_like(x), where=norms > 0))
+
 
 
 def top_k_cosine(vectors: np.ndarray, *, k: int, block_rows: int = 2048) -> tuple[np.ndarray, np.ndarray]:
@@ -38,21 +65,14 @@ def top_k_cosine(vectors: np.ndarray, *, k: int, block_rows: int = 2048) -> tupl
     ValueError
         If ``vectors`` is not 2-D and finite, or ``k`` / ``block_rows`` < 1.
     """
-    x = np.asarray(vectors, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"vectors must be 2-D (n, d), got shape {x.shape}")
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).any(axis=1).sum())
-        raise ValueError(f"vectors has {bad} row(s) with NaN or inf; quarantine them before searching")
+    unit = unit_rows(vectors)
     for name, v in (("k", k), ("block_rows", block_rows)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    n = x.shape[0]
+    n = unit.shape[0]
     kk = min(k, n - 1)
     if kk <= 0:
         return np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
     out_idx = np.empty((n, kk), np.int64)
     out_score = np.empty((n, kk), np.float32)
     for start in range(0, n, block_rows):

@@ -252,13 +252,3 @@ def _first_per_pair(t: pa.Table) -> np.ndarray:
     mask = np.zeros(t.num_rows, dtype=bool)
     mask[firsts] = True
     return mask
-
-
-def _one_per_pair(t: pa.Table) -> pa.Table:
-    if t.num_rows == 0:
-        return t
-    keys = pair_keys(t["track_id"], t["audio_sha256"]).to_pylist()
-    first = {}
-    for i, k in enumerate(keys):
-        first.setdefault(k, i)
-    return t.take(pa.array(sorted(first.values()), pa.int64())) if len(first) < t.num_rows else t
