@@ -370,15 +370,17 @@ class TrainConfig(_Section):
     ingest_concurrency: int = Field(2, ge=1)
     # Windows per forward pass when scoring whole clips (validation).
     eval_batch_size: int = Field(256, ge=1)
-    # Bytes of clips (float16 frames plus targets) one worker may hold at once. A worker whose
-    # train and valid shards fit together keeps both resident (pulled once: the fast path). A
-    # train shard that fits alone stays resident and the valid clips are scored batch by batch
-    # as they stream in; a larger one is streamed every epoch through a shuffle buffer (fill it
-    # to the budget, draw random windows for that fill's share of the epoch's steps, refill);
-    # the valid clips then stay resident if they take at most half the budget (the buffer gets
-    # the rest), else they stream too. 4 GiB ≈ 13,000 clips of 30 s × 128 bands; a catalog of
-    # 1M × 10 s clips is ≈ 110 GB (see docs/architecture.md, training memory).
-    cache_bytes: int = Field(4 * 2**30, ge=1)
+    # Bytes of clips (float16 frames, padded to a window, plus targets) one worker may hold at
+    # once, shared between its train and valid clips in proportion to the two splits' sizes. A
+    # split whose shard fits its share stays resident (pulled once: the fast path); a larger one
+    # is spilled to local disk (``spill_dir``) as it streams in and read back every epoch a fill
+    # at a time (row groups in a seeded random order, two fills of half the share each: one
+    # training, one being read). 4 GiB ≈ 13,000 clips of 30 s × 128 bands; a catalog of 1M × 10 s
+    # clips is ≈ 110 GB (see docs/architecture.md, training memory).
+    cache_bytes: int = Field(4 * 2**30, ge=2)
+    # Local directory for a worker's clips beyond cache_bytes (None = the system temp dir; on
+    # Kubernetes an emptyDir volume with room for the worker's share of the catalog).
+    spill_dir: str | None = None
     prefetch_batches: int = Field(2, ge=0)
     # Worker failures a run recovers from (from its latest checkpoint) before it fails.
     max_failures: int = Field(2, ge=-1)

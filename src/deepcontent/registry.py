@@ -44,10 +44,11 @@ REGISTRY = "models"
 PRODUCTION = f"{REGISTRY}/production.json"
 ARTIFACT_FORMAT = 1
 
-#: Train settings that change how a run executes but not which model it learns.
+#: Train settings that change how a run executes but not which model it learns. (``cache_bytes``
+#: is not one: a shard beyond it is drawn a fill at a time, so the windows each step sees differ.)
 OPERATIONAL = frozenset({"max_failures", "checkpoints_to_keep", "epoch_hook", "prefetch_batches", "cpus_per_worker",
                          "eval_batch_size", "baseline", "baseline_words", "ingest_cpus",
-                         "ingest_concurrency", "variants", "variant"})
+                         "ingest_concurrency", "variants", "variant", "spill_dir"})
 
 
 def model_version(cfg: Config, *, inputs: dict[str, str], code: str) -> str:

@@ -51,6 +51,7 @@ from deepcontent.stages.base import StageContext, StageResult, StageRun
 from deepcontent.stages.factorize import factors_by_index
 from deepcontent.storage import Storage, join
 from deepcontent.train.backend import Backend, resolve_backend
+from deepcontent.train.clip_cache import cache_budgets, split_clip_bytes
 from deepcontent.train.data import TrainingData, training_targets
 from deepcontent.train.variants import variant_config
 
@@ -98,8 +99,8 @@ def load_training_data(storage: Storage, *, features: datasets.Dataset = SPECTRO
         if (rid := optional.run_id(storage)) is not None:
             inputs[optional.key] = rid
     clip_files = features.files(storage)
-    clips = (storage.read_parquet(clip_files, columns=["track_id", "n_mels"]) if clip_files
-             else features.schema.empty_table().select(["track_id", "n_mels"]))
+    clips = (storage.read_parquet(clip_files, columns=["track_id", "n_mels", "n_frames"]) if clip_files
+             else features.schema.empty_table().select(["track_id", "n_mels", "n_frames"]))
     data = training_targets(tracks=TRACKS.read(storage, columns=["track_id", "song_id"]), clips=clips,
                             item_factors=items_ds.read(storage),
                             item_index=ITEM_INDEX.read(storage) if ITEM_INDEX.key in inputs else None,
@@ -144,7 +145,17 @@ def _fit(cfg: Config, storage: Storage, data: TrainingData, backend: Backend, ve
     # Progress bars are noise in job logs; the stage logs its own progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
     fs, path = storage.filesystem(storage.uri(CHECKPOINTS))
+    clip_bytes = {split: split_clip_bytes(table["n_frames"], n_mels=data.n_mels, n_factors=data.n_factors,
+                                          min_frames=tc.window_frames) for split, table in (("train", data.train),
+                                                                                           ("valid", data.valid))}
+    budgets = cache_budgets(tc.cache_bytes, train_bytes=clip_bytes["train"], valid_bytes=clip_bytes["valid"])
+    per_worker = {k: v / tc.num_workers for k, v in clip_bytes.items()}
+    log.info("train: clips ≈ %s train + %s valid per worker; train.cache_bytes %s gives %s / %s: %s", _gib(per_worker["train"]),
+             _gib(per_worker["valid"]), _gib(tc.cache_bytes), _gib(budgets["train"]), _gib(budgets["valid"]),
+             "resident" if all(per_worker[k] <= budgets[k] for k in budgets)
+             else f"beyond it, spilled to {tc.spill_dir or 'the temp dir'} and streamed each epoch")
     loop_config = {
+        "cache": budgets,
         "train": tc.model_dump(mode="python"), "backend": backend, "n_factors": data.n_factors, "n_mels": data.n_mels,
         "steps_per_epoch": steps, "valid_variance": data.valid_variance,
         "target_mean": data.target_mean.tolist(), "target_std": data.target_std.tolist(),
@@ -166,6 +177,10 @@ def _fit(cfg: Config, storage: Storage, data: TrainingData, backend: Backend, ve
         dataset_config=clip_data_config(),
     )
     return trainer.fit()
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 def _final_state(result) -> dict:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from deepcontent.datasets import mel_arrays, vector_column, vectors
+from deepcontent.datasets import vector_column, vectors
 from deepcontent.errors import TrainingDataError
 
 __all__ = [
@@ -67,9 +67,10 @@ class TrainingData:
     Attributes
     ----------
     train, valid : pa.Table
-        ``(track_id, song_id, item_idx int32, target list<float32>)``, one row per track with a
-        clip; ``target`` is standardised; ``item_idx`` is the song's column in the matrices
-        exports (-1 when the item index is not published).
+        ``(track_id, song_id, item_idx int32, target list<float32>, n_frames int64)``, one row
+        per track with a clip; ``target`` is standardised; ``item_idx`` is the song's column in
+        the matrices exports (-1 when the item index is not published); ``n_frames`` is the
+        clip's length (null when the clips were given without it).
     target_mean, target_std : np.ndarray [shape=(f,)]
         Raw factors = ``target * std + mean``.
     valid_variance : float
@@ -108,7 +109,7 @@ def training_targets(*, tracks: pa.Table, clips: pa.Table, item_factors: pa.Tabl
     tracks : pa.Table
         ``(track_id, song_id)``.
     clips : pa.Table
-        ``(track_id, n_mels)`` of every stored clip.
+        ``(track_id, n_mels[, n_frames])`` of every stored clip.
     item_factors : pa.Table
         ``(song_id, factors, split)`` of one WMF (train and valid songs).
     item_index : pa.Table or None
@@ -159,10 +160,13 @@ def training_targets(*, tracks: pa.Table, clips: pa.Table, item_factors: pa.Tabl
     if not valid_variance > 0:
         raise TrainingDataError(f"the {int(is_valid.sum())} valid tracks' targets have zero variance; NMSE is undefined")
 
+    n_frames = (pc.take(clips["n_frames"], pc.index_in(with_clip["track_id"], value_set=clips["track_id"])).cast(pa.int64())
+                if "n_frames" in clips.column_names else pa.nulls(with_clip.num_rows, pa.int64()))
+
     def table(mask: np.ndarray, z: np.ndarray) -> pa.Table:
         rows = pa.array(np.flatnonzero(mask))
         return pa.table({"track_id": pc.take(with_clip["track_id"], rows), "song_id": pc.take(with_clip["song_id"], rows),
-                         "item_idx": pc.take(idx, rows), "target": vector_column(z)})
+                         "item_idx": pc.take(idx, rows), "target": vector_column(z), "n_frames": pc.take(n_frames, rows)})
 
     train, valid = table(is_train, z_train), table(is_valid, z_valid)
     return {
@@ -217,36 +221,10 @@ class ClipBank:
             ``n_mels × n_frames`` float16 values, or its target is not of length ``n_factors``;
             the message names the track.
         """
-        chunks, lengths, targets, items, ids = [], [], [], [], []
-        for batch in batches:
-            if isinstance(batch, dict):
-                batch = pa.table(batch)
-            tid = batch["track_id"].to_pylist()
-            t = vectors(batch["target"])
-            if len(tid) and t.shape[1] != n_factors:
-                raise ValueError(f"track {tid[0]!r}: target has {t.shape[1]} factors, expected {n_factors}")
-            for track, m in zip(tid, batch["n_mels"].to_pylist()):
-                if m != n_mels:
-                    raise ValueError(f"track {track!r}: spectrogram has n_mels={m}, expected {n_mels}")
-            for mel in mel_arrays(batch):  # sizes checked there, naming the track
-                mel = mel.T  # (n_frames, n_mels)
-                f, m = mel.shape
-                if f < min_frames:
-                    mel = np.concatenate([mel, np.zeros((min_frames - f, m), np.float16)], axis=0)
-                chunks.append(mel)
-                lengths.append(mel.shape[0])
-            targets.append(t)
-            items.append(np.asarray(batch["item_idx"].to_numpy(zero_copy_only=False), dtype=np.int64))
-            ids.extend(tid)
-        lengths_t = torch.as_tensor(lengths, dtype=torch.long)
-        offsets = torch.zeros_like(lengths_t)
-        if len(lengths):
-            offsets[1:] = torch.cumsum(lengths_t, 0)[:-1]
-        frames = torch.from_numpy(np.concatenate(chunks, axis=0)) if chunks else torch.zeros((0, n_mels), dtype=torch.float16)
-        tgt = torch.from_numpy(np.concatenate(targets)) if targets else torch.zeros((0, n_factors))
-        return cls(frames=frames, offsets=offsets, lengths=lengths_t, targets=tgt,
-                   items=torch.from_numpy(np.concatenate(items)) if items else torch.zeros(0, dtype=torch.long),
-                   track_ids=ids)
+        from deepcontent.train.clip_cache import load_clips  # the same row checks as the budgeted loader
+
+        return load_clips(batches, budget_bytes=None, spill_path=None, min_frames=min_frames, n_factors=n_factors,
+                          n_mels=n_mels).bank
 
     def to(self, device: torch.device, *, move=None) -> "ClipBank":
         """The bank on ``device``; ``move(tensor, device)`` does the copy (pinned on GPU, see

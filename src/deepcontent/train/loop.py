@@ -5,11 +5,14 @@
 1. resume: ``ray.train.get_checkpoint()`` gives the latest checkpoint of this run (after a
    worker failure, or when the driver re-runs an interrupted run); training continues from
    the epoch after it with the model, optimiser, early-stopping state and curve it holds;
-2. ingest: the worker's Ray Data shards of ``train`` and ``valid`` clips are pulled once into
-   :class:`~deepcontent.train.data.ClipBank` s on the training device;
+2. ingest: the worker's Ray Data shards of ``train`` and ``valid`` clips are pulled once, each
+   within its share of ``train.cache_bytes`` (:mod:`deepcontent.train.clip_cache`): resident
+   :class:`~deepcontent.train.data.ClipBank` s on the training device when they fit (the fast
+   path), else spilled to local disk and streamed back a fill at a time every epoch;
 3. each epoch: ``steps_per_epoch`` steps (the same on every rank, so DDP's all-reduces pair
-   up) of random windows cut from the resident clips; then the validation NMSE of whole-clip
-   predictions (mean over consecutive windows), summed over ranks; then one
+   up) of random windows cut from the clips (from each fill, its share of the steps); then
+   the validation NMSE of whole-clip predictions (mean over consecutive windows), summed over
+   ranks; then one
    ``ray.train.report`` with metrics, and on rank 0 a checkpoint persisted to object storage;
 4. early stopping: after ``patience`` epochs without a better validation NMSE (every rank
    sees the same all-reduced numbers, so every rank stops at the same epoch).
@@ -24,6 +27,8 @@ import contextlib
 import copy
 import inspect
 import os
+import resource
+import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +43,8 @@ from deepcontent.train.losses import gram_matrix, item_plays, mse_loss, wpe_loss
 __all__ = ["build_regressor", "model_kwargs", "predict_clips", "train_loop_per_worker"]
 
 CHECKPOINT_FILE = "state.pt"
+#: Spill directories are named ``<prefix><pid>-<random>`` (see :func:`_sweep_dead_spills`).
+SPILL_PREFIX = "deepcontent-clips-"
 
 
 def model_kwargs(cfg: TrainConfig, *, n_mels: int) -> dict[str, Any]:
@@ -165,12 +172,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     Keys: ``train`` (TrainConfig as a dict), ``backend`` (:class:`~deepcontent.train.backend.Backend`),
     ``n_factors``, ``n_mels``, ``steps_per_epoch``, ``valid_variance``, ``target_mean`` /
-    ``target_std`` (lists), ``wpe`` (an object ref of ``(item_users CSR, user_factors)`` or None).
+    ``target_std`` (lists), ``wpe`` (an object ref of ``(item_users CSR, user_factors)`` or None),
+    ``cache`` (``{"train": bytes, "valid": bytes}``: this worker's clip budgets,
+    :func:`~deepcontent.train.clip_cache.cache_budgets`).
     """
     import ray.train
     import ray.train.torch
-
-    from deepcontent.train.data import ClipBank
 
     t_start = time.perf_counter()
     cfg = TrainConfig(**config["train"])
@@ -206,92 +213,167 @@ def train_loop_per_worker(config: dict) -> None:
     if state is not None:
         opt.load_state_dict(state["optimizer"])
 
-    def load(shard) -> ClipBank:
-        batches = shard.iter_batches(batch_size=64, batch_format="pyarrow", prefetch_batches=cfg.prefetch_batches)
-        bank = ClipBank.from_batches(batches, min_frames=cfg.window_frames, n_factors=n_factors, n_mels=n_mels)
-        return bank.to(device, move=backend.to_device)
+    _sweep_dead_spills(cfg.spill_dir or tempfile.gettempdir())
+    spill_dir = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=cfg.spill_dir)
+    clips: dict = {}
+    try:
+        t0 = time.perf_counter()
+        clips = _load_shards(config["cache"], cfg=cfg, spill_dir=spill_dir, n_factors=n_factors, n_mels=n_mels,
+                             device=device, backend=backend)
+        train_clips, valid_clips = clips["train"], clips["valid"]
+        load_s = time.perf_counter() - t0
+        if len(train_clips) == 0:
+            raise RuntimeError(f"train worker {rank} of {world} received no train clips; "
+                               f"use fewer train.num_workers (now {world}) or more train songs")
+        cache = {"train": train_clips.mode, "valid": valid_clips.mode, "budget_bytes": cfg.cache_bytes,
+                 "clip_bytes_held": train_clips.held_bytes + valid_clips.held_bytes}
+        mean = torch.as_tensor(config["target_mean"], dtype=torch.float32)
+        std = torch.as_tensor(config["target_std"], dtype=torch.float32)
+        wpe = None
+        if cfg.loss == "wpe":
+            wpe = _WPE(ray.get(config["wpe"]), mean=mean, std=std, device=device)
 
-    t0 = time.perf_counter()
-    # Both shards are streamed at once (each Ray Data execution has seconds of fixed start-up);
-    # get_dataset_shard is a barrier across ranks, so it stays on this thread, in order.
+        for epoch in range(start_epoch, cfg.epochs):
+            gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, epoch, rank))
+            t_epoch = time.perf_counter()
+            model.train()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            # One fill when the shard is resident (the draws of a plain bank); else a fill at a
+            # time, the row groups in an order of their own seed (the window draws keep `gen`).
+            for bank, fill_steps in train_clips.epoch_fills(steps=steps, seed=_seed(cfg.seed + 1, epoch, rank)):
+                order = _epoch_order(len(bank), fill_steps * batch, gen, device)
+                for step in range(fill_steps):
+                    idx = order[step * batch : (step + 1) * batch]
+                    x = bank.random_windows(idx, n_frames=cfg.window_frames, generator=gen)
+                    if cfg.gain_db > 0:
+                        x = random_gain(x, max_db=cfg.gain_db, generator=gen)
+                    with backend.autocast(device):
+                        pred = model(x)
+                    pred = pred.float()
+                    loss = wpe(pred, bank.items[idx.cpu()]) if wpe is not None else mse_loss(pred, bank.targets[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    loss_sum += loss.detach()  # no host sync per step
+            train_s = time.perf_counter() - t_epoch
+
+            base.eval()
+            sse, n_values = _valid_sse(base, valid_clips, n_frames=cfg.window_frames, batch_size=cfg.eval_batch_size,
+                                       autocast=lambda: backend.autocast(device))
+            loss_total, sse, n_values = _all_reduce_sum([float(loss_sum), sse, float(n_values)], device)
+            peak_rss = _all_reduce_max(_peak_rss_bytes(), device)
+            train_loss = loss_total / (steps * world)
+            valid_nmse = (sse / n_values) / config["valid_variance"] if n_values else float("nan")
+
+            if valid_nmse < best_nmse:
+                best_nmse, best_epoch, bad_epochs = valid_nmse, epoch, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
+            else:
+                bad_epochs += 1
+            stopped = bad_epochs >= cfg.patience or epoch == cfg.epochs - 1
+            epoch_s = time.perf_counter() - t_epoch
+            samples = steps * batch * world
+            entry = {
+                "epoch": epoch, "train_loss": train_loss, "valid_nmse": valid_nmse, "best_valid_nmse": best_nmse,
+                "best_epoch": best_epoch, "attempt": attempt, "attempt_start_epoch": start_epoch, "samples": samples,
+                "train_s": round(train_s, 4), "epoch_s": round(epoch_s, 4),
+                "samples_per_s": samples / train_s if train_s > 0 else float("nan"),
+                "load_s": round(load_s, 4) if epoch == start_epoch else 0.0,
+                "worker_elapsed_s": round(time.perf_counter() - t_start, 4),
+                "cache": cache, "worker_peak_rss_bytes": int(peak_rss),
+            }
+            history.append(entry)
+            metrics = {**entry, "stopped": stopped}
+            if rank == 0:
+                saved = {"epoch": epoch, "attempt": attempt, "model": base.state_dict(), "optimizer": opt.state_dict(),
+                         "best_state": best_state, "best_nmse": best_nmse, "best_epoch": best_epoch,
+                         "bad_epochs": bad_epochs, "history": copy.deepcopy(history), "stopped": stopped}
+                with tempfile.TemporaryDirectory() as d:
+                    torch.save(saved, os.path.join(d, CHECKPOINT_FILE))
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                     checkpoint_dir_name=f"epoch-{epoch:04d}-attempt-{attempt}")
+            else:
+                ray.train.report(metrics)
+            if hook is not None:
+                hook(epoch=epoch, rank=rank, attempt=attempt)
+            if stopped:
+                break
+    finally:
+        for c in clips.values():
+            c.close()
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+def _load_shards(budgets: dict[str, int], *, cfg: TrainConfig, spill_dir: str, n_factors: int, n_mels: int,
+                 device: torch.device, backend) -> dict:
+    """This worker's Ray Data shards of ``train`` and ``valid`` as clips on ``device``, each
+    within its share of ``train.cache_bytes`` (:func:`~deepcontent.train.clip_cache.load_clips`).
+
+    Both shards stream at once (each Ray Data execution has seconds of fixed start-up);
+    ``get_dataset_shard`` is a barrier across ranks, so it stays on this thread, in order."""
+    import ray.train
+
+    from deepcontent.train.clip_cache import load_clips
+
+    def load(shard, split: str):
+        batches = shard.iter_batches(batch_size=64, batch_format="pyarrow", prefetch_batches=cfg.prefetch_batches)
+        clips = load_clips(batches, budget_bytes=budgets[split], spill_path=os.path.join(spill_dir, f"{split}.parquet"),
+                           min_frames=cfg.window_frames, n_factors=n_factors, n_mels=n_mels)
+        return clips.to(device, move=backend.to_device)
+
     train_shard, valid_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("valid")
     with ThreadPoolExecutor(max_workers=1) as pool:
-        valid_future = pool.submit(load, valid_shard)
-        train_bank = load(train_shard)
-        valid_bank = valid_future.result()
-    load_s = time.perf_counter() - t0
-    if len(train_bank) == 0:
-        raise RuntimeError(f"train worker {rank} of {world} received no train clips; "
-                           f"use fewer train.num_workers (now {world}) or more train songs")
-    mean = torch.as_tensor(config["target_mean"], dtype=torch.float32)
-    std = torch.as_tensor(config["target_std"], dtype=torch.float32)
-    wpe = None
-    if cfg.loss == "wpe":
-        wpe = _WPE(ray.get(config["wpe"]), mean=mean, std=std, device=device)
-    valid_clips = [valid_bank.clip(i) for i in range(len(valid_bank))]
+        valid_future = pool.submit(load, valid_shard, "valid")
+        train = load(train_shard, "train")
+        return {"train": train, "valid": valid_future.result()}
 
-    for epoch in range(start_epoch, cfg.epochs):
-        gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, epoch, rank))
-        t_epoch = time.perf_counter()
-        model.train()
-        order = _epoch_order(len(train_bank), steps * batch, gen, device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for step in range(steps):
-            idx = order[step * batch : (step + 1) * batch]
-            x = train_bank.random_windows(idx, n_frames=cfg.window_frames, generator=gen)
-            if cfg.gain_db > 0:
-                x = random_gain(x, max_db=cfg.gain_db, generator=gen)
-            with backend.autocast(device):
-                pred = model(x)
-            pred = pred.float()
-            loss = wpe(pred, train_bank.items[idx.cpu()]) if wpe is not None else mse_loss(pred, train_bank.targets[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()  # no host sync per step
-        train_s = time.perf_counter() - t_epoch
 
-        base.eval()
-        if valid_clips:
-            preds = predict_clips(base, valid_clips, n_frames=cfg.window_frames, batch_size=cfg.eval_batch_size,
-                                  autocast=lambda: backend.autocast(device))
-            sse = float(((preds - valid_bank.targets) ** 2).sum())
-            n_values = preds.numel()
-        else:
-            sse, n_values = 0.0, 0
-        loss_total, sse, n_values = _all_reduce_sum([float(loss_sum), sse, float(n_values)], device)
-        train_loss = loss_total / (steps * world)
-        valid_nmse = (sse / n_values) / config["valid_variance"] if n_values else float("nan")
+def _valid_sse(model: torch.nn.Module, clips, *, n_frames: int, batch_size: int, autocast) -> tuple[float, int]:
+    """Sum of squared errors of clip-level predictions over every valid clip, and how many
+    values it sums. Clips are scored a few at a time (about ``batch_size`` windows), so the
+    windows of a whole shard are never materialised at once."""
+    sse, n_values = 0.0, 0
+    for bank in clips.banks():
+        windows = ((bank.lengths - n_frames).clamp(min=0) // n_frames + 2).tolist()  # an upper bound per clip
+        start = 0
+        while start < len(bank):
+            stop, total = start, 0
+            while stop < len(bank) and (stop == start or total + windows[stop] <= batch_size):
+                total += windows[stop]
+                stop += 1
+            preds = predict_clips(model, [bank.clip(i) for i in range(start, stop)], n_frames=n_frames,
+                                  batch_size=batch_size, autocast=autocast)
+            sse += float(((preds - bank.targets[start:stop]) ** 2).sum())
+            n_values += preds.numel()
+            start = stop
+    return sse, n_values
 
-        if valid_nmse < best_nmse:
-            best_nmse, best_epoch, bad_epochs = valid_nmse, epoch, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
-        else:
-            bad_epochs += 1
-        stopped = bad_epochs >= cfg.patience or epoch == cfg.epochs - 1
-        epoch_s = time.perf_counter() - t_epoch
-        samples = steps * batch * world
-        entry = {
-            "epoch": epoch, "train_loss": train_loss, "valid_nmse": valid_nmse, "best_valid_nmse": best_nmse,
-            "best_epoch": best_epoch, "attempt": attempt, "attempt_start_epoch": start_epoch, "samples": samples,
-            "train_s": round(train_s, 4), "epoch_s": round(epoch_s, 4),
-            "samples_per_s": samples / train_s if train_s > 0 else float("nan"),
-            "load_s": round(load_s, 4) if epoch == start_epoch else 0.0,
-            "worker_elapsed_s": round(time.perf_counter() - t_start, 4),
-        }
-        history.append(entry)
-        metrics = {**entry, "stopped": stopped}
-        if rank == 0:
-            saved = {"epoch": epoch, "attempt": attempt, "model": base.state_dict(), "optimizer": opt.state_dict(),
-                     "best_state": best_state, "best_nmse": best_nmse, "best_epoch": best_epoch,
-                     "bad_epochs": bad_epochs, "history": copy.deepcopy(history), "stopped": stopped}
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(saved, os.path.join(d, CHECKPOINT_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                 checkpoint_dir_name=f"epoch-{epoch:04d}-attempt-{attempt}")
-        else:
-            ray.train.report(metrics)
-        if hook is not None:
-            hook(epoch=epoch, rank=rank, attempt=attempt)
-        if stopped:
-            break
+
+def _sweep_dead_spills(root: str) -> None:
+    """Remove spill directories whose worker process is gone (a SIGKILLed worker cannot clean
+    up; its replacement on the same host does). Another live worker's directory is kept."""
+    if not os.path.isdir("/proc"):  # no way to tell a live pid here: leave them
+        return
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(SPILL_PREFIX):
+            continue
+        pid = name[len(SPILL_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _all_reduce_max(value: float, device: torch.device) -> float:
+    """The largest value over all ranks (identity on one worker)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
