@@ -85,6 +85,60 @@ def _cmd_rollback(cfg, args) -> dict:
             "replaced": pointer.get("rolled_back_from")}
 
 
+def _cmd_transfer(cfg, args) -> dict:
+    """The transfer stage on a folder; with ``--model none`` and a local folder nothing is read
+    from the store, so the embedded S3 server is not started: the run's manifest and metrics go
+    straight to the directory it would serve."""
+    tc = cfg.transfer
+    local = (tc.folder is not None and (tc.folder.startswith("file://") or "://" not in tc.folder)
+             and (tc.groups_file is None or "s3://" not in tc.groups_file))
+    if tc.model == "none" and local and cfg.storage.embedded_s3:
+        from pathlib import Path
+
+        served = (Path(cfg.storage.embedded_s3_dir) / cfg.storage.root[len("s3://"):]).resolve()
+        log.info("transfer: --model none on a local folder: no S3 server; outputs under %s", served)
+        cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(
+            update={"embedded_s3": False, "root": f"file://{served}"})})
+    return _run(cfg, ["transfer"], generate_first=False)["transfer"]
+
+
+def _print_transfer(result: dict) -> None:
+    print(f"\ndeepcontent transfer finished: {result['folder']}")
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted((result.get("left_out_reasons") or {}).items()))
+    grouping = result.get("grouping") or {}
+    print(f"  clips    : {result['clips_used']} used of {result['clips_found']} found, "
+          f"{len(result['clips_left_out'])} left out{' (' + reasons + ')' if reasons else ''}; "
+          f"{len(result.get('classes') or {})} labels; grouping: "
+          + (f"{grouping['source']} ({grouping.get('groups')} groups)" if grouping.get("source") else "none"))
+    models = result.get("models") or {}
+    print("  models   : " + (", ".join(f"{n} {v}" for n, v in models.items()) or "none (fixed-feature baselines only)"))
+    for name, reason in (result.get("models_left_out") or {}).items():
+        print(f"    not used: {name}: {reason}")
+    for line in _accuracy_lines(result.get("feature_sets") or {}, indent="  "):
+        print(line)
+    for key, reason in list(result["clips_left_out"].items())[:10]:
+        print(f"  left out : {key}: {reason}")
+    if len(result["clips_left_out"]) > 10:
+        print(f"  left out : ... {len(result['clips_left_out']) - 10} more in {result['outputs']['metrics']}")
+    print(f"  report   : {result['outputs']['local_report']} (metrics.json beside it; {result['outputs']['metrics']})")
+
+
+TRANSFER_HELP = """\
+Genre-style transfer on any GTZAN-layout folder (<label>/<clip>, any codec, any length),
+without a catalog. Each feature set -- every registered listening model's predicted factors and
+penultimate layer (--model), spherical K-means fitted on the training folds only, log-mel
+statistics, MFCC statistics -- is scored by a linear SVM with nested cross-validation twice:
+stratified over clips, and grouped over artists / albums / sources (no group on both sides of any
+split, inner loop too: leave-one-group-out when groups are few, else grouped k-fold); plus the
+accuracy of each clip's nearest clip from another group. A stratified score far above the grouped
+one means the features recognise the group, not the label. Tracks are cut into
+transfer.excerpts_per_track excerpts of transfer.excerpt_seconds from their middle, features
+averaged. Clips that do not decode are left out with their reason (clips_used + clips_left_out =
+clips_found). --json prints one JSON object on the last line: feature_sets.<name>.stratified_mean,
+stratified_std, grouped_accuracy, grouped_1nn_accuracy, ...; metrics.json documents each number.
+"""
+
+
 def pipeline_plan(cfg: Config, *, stop_after: str | None = None) -> tuple[Config, list[str]]:
     """The stages ``deepcontent pipeline`` runs and the config it runs them with: the train stage
     also trains the model variants the evaluation reads, and ``waveforms`` runs only when a model
@@ -111,14 +165,55 @@ def _cmd_pipeline(cfg, args) -> dict:
     return out
 
 
-def _results_table(cold_start: dict) -> list[str]:
-    """The cold-start metrics as fixed-width lines, one per method."""
+_COUNTS = ("n_users", "n_skipped", "n_candidates")
+
+
+def _results_table(cold_start: dict, cutoffs: dict | None = None) -> list[str]:
+    """The cold-start metrics as fixed-width lines, one per method, headed by their honest
+    names (``mAP(full)`` when the cut-off reaches every candidate), and a line saying what a
+    full-list metric is."""
+    from deepcontent.evaluate.metrics import metric_label
+
     if not cold_start:
         return []
-    keys = [k for k in next(iter(cold_start.values())) if k not in ("n_users", "n_skipped")]
-    lines = [f"    {'method':<14}" + "".join(f"{k:>10}" for k in keys)]
+    first = next(iter(cold_start.values()))
+    keys = [k for k, v in first.items() if k not in _COUNTS and isinstance(v, (int, float))]
+    head = {k: metric_label(k).replace(" (full list)", "(full)") for k in keys}
+    width = max([10, *(len(h) + 2 for h in head.values())])
+    lines = [f"    {'method':<14}" + "".join(f"{head[k]:>{width}}" for k in keys)]
     for method, m in cold_start.items():
-        lines.append(f"    {method:<14}" + "".join(f"{m[k]:>10.4f}" for k in keys))
+        lines.append(f"    {method:<14}" + "".join(f"{m.get(k, float('nan')):>{width}.4f}" for k in keys))
+    n = first.get("n_candidates", "?")
+    for k in keys:
+        if k.endswith("_full"):
+            short = metric_label(k).replace(" (full list)", "")
+            asked = (cutoffs or {}).get(k, {}).get("k", "k")
+            lines.append(f"    {head[k]}: k={asked} >= the {n} candidate test songs, so the full-list {short}, "
+                         f"not comparable with {short}@{asked} over a larger catalog")
+    return lines
+
+
+def _accuracy_lines(results: dict, *, indent: str = "    ") -> list[str]:
+    """Transfer results (one object per feature set) as fixed-width lines: stratified mean ± std,
+    grouped (pooled) accuracy, 1-NN from another group, 1-NN from any clip."""
+    rows = {n: r for n, r in results.items() if isinstance(r, dict) and "stratified_mean" in r}
+    if not rows:
+        return []
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    first = next(iter(rows.values()))
+    g = next((r["grouped"] for r in rows.values() if isinstance(r.get("grouped"), dict)), None)
+    strat = f"stratified {first['folds']}-fold" if first.get("folds") else "stratified"
+    grouped = (f"grouped ({g['protocol'].replace('_', '-')}, {g['folds']} folds)" if g else "grouped")
+    width = max(24, *(len(n) + 2 for n in rows))
+    lines = [f"{indent}{'features':<{width}}{strat:>22}  {grouped:>44}  {'1-NN other group':>17}  {'1-NN any':>9}"]
+    for name, r in rows.items():
+        st = (f"{fmt(r.get('stratified_mean'))} ± {fmt(r.get('stratified_std'))}"
+              if r.get("stratified_mean") is not None else "—")
+        lines.append(f"{indent}{name:<{width}}{st:>22}  {fmt(r.get('grouped_accuracy')):>44}  "
+                     f"{fmt(r.get('grouped_1nn_accuracy')):>17}  {fmt(r.get('any_1nn_accuracy')):>9}")
+    if g is None:
+        reason = first.get("grouped_skipped") or "no grouping"
+        lines.append(f"{indent}(grouped: {reason})")
     return lines
 
 
@@ -165,16 +260,18 @@ def _print_pipeline(result: dict) -> None:
     ev = result.get("evaluate")
     if ev:
         print("  evaluate : cold-start recommendation on the test songs (no test plays used except by upper_bound)")
-        for line in _results_table(ev["cold_start"]):
+        for line in _results_table(ev["cold_start"], (ev.get("protocol") or {}).get("cold_start")):
             print(line)
         tags = (ev.get("tag_prediction") or {}).get("methods") or {}
         if tags:
             print("    tag prediction (A′ = U′Vᵀ on the test songs): "
                   + ", ".join(f"{m} AUC {r['auc']:.3f} / mAP {r['map']:.3f}" for m, r in tags.items()))
         gtzan = (ev.get("transfer") or {}).get("gtzan") or {}
-        for name, r in gtzan.items():
-            if isinstance(r, dict) and "mean" in r:
-                print(f"    GTZAN-layout 10-fold accuracy, {name:<22} {r['mean']:.3f} ± {r['std']:.3f}")
+        lines = _accuracy_lines(gtzan, indent="      ")
+        if lines:
+            print("    GTZAN-layout transfer accuracy (linear SVM, nested CV):")
+            for line in lines:
+                print(line)
         print(f"    report               {ev['report']}")
     s = result["storage"]
     if s.get("served_from"):
@@ -189,6 +286,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
                                       "(predicted factors, embedding per file)"),
     "rollback": (_cmd_rollback, "return a dataset (e.g. features/audio_index) to its last readable published version"),
 }
+COMMANDS["transfer"] = (_cmd_transfer, STAGES["transfer"].summary)
 SUBMIT_HELP = "run one stage on a cluster: spark-submit or `ray job submit` (see deepcontent submit --help)"
 
 
@@ -207,7 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     # parsed by deepcontent.submit (main hands it over before this parser runs); listed for --help
     sub.add_parser("submit", help=SUBMIT_HELP, description=SUBMIT_HELP, add_help=False)
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "transfer":
+            p = sub.add_parser(name, help=help_text, description=TRANSFER_HELP,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        else:
+            p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", "-c", default=None, help="config YAML (default: conf/local.yaml, the embedded default)")
         p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
         p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")
@@ -220,12 +322,44 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"stop after this stage (one of: {', '.join(PIPELINE)})")
         if name == "rollback":
             p.add_argument("dataset", metavar="DATASET", help="dataset key under the storage root, or its URI")
-        if name == "embed-files":
+        if name == "transfer":
+            p.add_argument("--model", default=None, metavar="VERSION",
+                           help="listening models to compare: all (production + every variant trained on plays; "
+                                "the default, transfer.model), production, a variant name (cnn_wpe), a model version, "
+                                "or none (fixed-feature baselines alone: nothing read but the folder)")
+            grouping = p.add_mutually_exclusive_group()
+            grouping.add_argument("--groups", default=None, metavar="FILE",
+                                  help="CSV of `path,group` (path relative to the folder; group = artist, album or "
+                                       "source), a local path or a URI; default: the folder's own groups.csv if any")
+            grouping.add_argument("--group-level", type=int, default=None, metavar="N",
+                                  help="the folder level naming the group: 2 = <label>/<group>/<clip>")
+            p.add_argument("overrides", nargs="*", metavar="DIR_OR_URI | key.path=value",
+                           help="the folder (a local path or s3:// / file:// URI; default transfer.folder, else the "
+                                "generated GTZAN-layout set) and config overrides (transfer.excerpt_seconds=10 ...)")
+        elif name == "embed-files":
             p.add_argument("overrides", nargs="+", metavar="FILE | key.path=value",
                            help="audio files or storage URIs to embed, and config overrides")
         else:
             p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return parser
+
+
+def _transfer_config(cfg: Config, args) -> Config:
+    """``deepcontent transfer``'s folder and options as the ``transfer`` config they stand for."""
+    from deepcontent.config import TransferConfig
+
+    if len(args.files) > 1:
+        raise ConfigError(f"transfer takes one folder, got {len(args.files)}: {args.files}")
+    update = {k: v for k, v in (("folder", args.files[0] if args.files else None), ("model", args.model),
+                                ("groups_file", args.groups), ("group_level", args.group_level)) if v is not None}
+    if "groups_file" in update or "group_level" in update:  # the command line's grouping replaces the config's
+        update.setdefault("groups_file", None)
+        update.setdefault("group_level", None)
+    try:
+        transfer = TransferConfig.model_validate({**cfg.transfer.model_dump(), **update})
+    except Exception as exc:
+        raise ConfigError(redact_text(f"invalid transfer options: {exc}")) from None
+    return cfg.model_copy(update={"transfer": transfer})
 
 
 def _is_override(arg: str) -> bool:
@@ -240,13 +374,20 @@ def main(argv: list[str] | None = None) -> int:
         from deepcontent.submit import main as submit_main
 
         return submit_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    if args.command == "embed-files":
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `transfer DIR --model none key=value`: positionals after the options
+        if getattr(args, "command", None) != "transfer" or any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    if args.command in ("embed-files", "transfer"):
         args.files = [a for a in args.overrides if not _is_override(a)]
         args.overrides = [a for a in args.overrides if _is_override(a)]
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
         cfg = load_config(args.config, overrides=args.overrides)
+        if args.command == "transfer":
+            cfg = _transfer_config(cfg, args)
     except ConfigError as exc:
         print(redact_text(f"deepcontent: {exc}"), file=sys.stderr)
         return 2
@@ -260,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     result = redact(json.loads(json.dumps(result, default=str)))  # what is printed carries no secret
     if args.command == "pipeline" and not args.json:
         _print_pipeline(result)
+    elif args.command == "transfer" and not args.json:
+        _print_transfer(result)
     elif not args.json:
         print(json.dumps(result, indent=2, default=str))
     if args.json:

@@ -212,6 +212,9 @@ class SynthConfig(_Section):
     zero_weight_tag_fraction: float = Field(0.1, ge=0.0, le=1.0)
     dangling_tag_rows: int = Field(0, ge=0)
     gtzan_per_genre: int = 10
+    # Clips per synthetic artist in the GTZAN-layout set (groups.csv names each clip's artist;
+    # the artist's clips share key, mode, timbre and swing). 1: every clip drawn on its own.
+    gtzan_clips_per_artist: int = Field(1, ge=1)
     mtat_clips: int = 100
     workers: int | None = None
 
@@ -559,6 +562,61 @@ class EvaluateConfig(_Section):
     report_dir: str = ".deepcontent/report"
 
 
+class TransferConfig(_Section):
+    """``deepcontent transfer``: genre-style transfer on any GTZAN-layout folder
+    (``<label>/<clip>``, any codec the decoder reads, any length), without a catalog.
+
+    Per feature set — every registered listening model's predicted factors and penultimate
+    layer, spherical K-means fitted on the folder's training folds only, log-mel statistics,
+    MFCC statistics — a linear SVM by nested cross-validation, stratified over clips and grouped
+    over artists / albums / sources, and a 1-NN accuracy across groups."""
+
+    # The folder: a local path or a URI the storage reads (s3://…, file://…); None = the
+    # generated GTZAN-layout set (sources.gtzan under the raw prefix). `deepcontent transfer DIR`.
+    folder: str | None = None
+    # Listening models whose features are compared: "all" (production + every registered
+    # variant trained on plays, when there are any), "production", "none" (the fixed-feature
+    # baselines alone: nothing is read from the model registry), a variant name (cnn_wpe) or a
+    # model version (paper_cnn-…). `--model`.
+    model: str = "all"
+    # The grouping of the clips: a CSV of `path,group` (path relative to the folder; a local
+    # path or a URI), or the folder level that names the group (2: <label>/<group>/<clip>).
+    # Neither: the folder's own groups.csv when it has one, else no grouped numbers.
+    # `--groups FILE`, `--group-level 2`.
+    groups_file: str | None = None
+    group_level: int | None = Field(None, ge=2)
+    # Fixed-length excerpts from the middle of each track (seconds; None = the whole track),
+    # several per track with their features averaged (30 s × 1 = a GTZAN clip as it is).
+    excerpt_seconds: float | None = Field(30.0, gt=0)
+    excerpts_per_track: int = Field(1, ge=1)
+    # Feature sets: models (as `model` says), kmeans, logmel_stats, mfcc_stats.
+    features: tuple[Literal["models", "kmeans", "logmel_stats", "mfcc_stats"], ...] = (
+        "models", "kmeans", "logmel_stats", "mfcc_stats")
+    # Stratified outer / inner folds (fewer when the smallest class has fewer clips; the numbers
+    # used are in the output). The grouped protocol's inner loop is grouped too.
+    folds: int = Field(10, ge=2)
+    inner_folds: int = Field(5, ge=2)
+    # Grouped protocol: leave-one-group-out up to max_logo_groups groups, else a stratified
+    # grouped k-fold with grouped_folds folds.
+    grouped_folds: int = Field(10, ge=2)
+    max_logo_groups: int = Field(30, ge=2)
+    # Spherical K-means dictionary size (at most one centroid per 8 training frames).
+    kmeans_centroids: int = Field(512, ge=2)
+    seed: int = 0
+    # Where a copy of metrics.json and report.html goes on the local disk (also written to
+    # <root>/transfer/<run_id>/ in object storage).
+    report_dir: str = ".deepcontent/transfer"
+
+    @model_validator(mode="after")
+    def _one_grouping(self) -> "TransferConfig":
+        if self.groups_file is not None and self.group_level is not None:
+            raise ValueError(f"transfer.groups_file={self.groups_file!r} and transfer.group_level={self.group_level} "
+                             f"are two groupings; give one")
+        if not self.model.strip():
+            raise ValueError("transfer.model is empty; give all, production, none, a variant name or a model version")
+        return self
+
+
 class Config(_Section):
     run_name: str = "deepcontent"
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -577,6 +635,7 @@ class Config(_Section):
     maintain: MaintainConfig = Field(default_factory=MaintainConfig)
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
 
     @model_validator(mode="after")
     def _window_from_seconds(self) -> "Config":

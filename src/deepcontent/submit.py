@@ -12,9 +12,9 @@ process; this module only builds the submitter's command line from the cluster c
   submit). Master, deploy mode (``spark.conf`` key ``spark.submit.deployMode``), driver/executor
   memory, shuffle partitions and every other ``spark.conf`` entry come from the ``spark`` section
   of the config.
-* **Ray stages** (train, embed, neighbors, evaluate) go through ``ray job submit`` to the Ray
-  dashboard (``http://head:8265``), uploading the checkout as the job's working directory. Inside
-  the job ``ray.address=auto`` joins the cluster the job runs on.
+* **Ray stages** (train, embed, neighbors, evaluate, transfer, maintain) go through ``ray job
+  submit`` to the Ray dashboard (``http://head:8265``), uploading the checkout as the job's
+  working directory. Inside the job ``ray.address=auto`` joins the cluster the job runs on.
 
 The job re-reads the same config file with the same ``key.path=value`` overrides, so what the
 submitter decides (the Spark master, the Ray address) and what the stage does agree. The cluster

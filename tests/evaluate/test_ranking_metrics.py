@@ -14,7 +14,10 @@ from sklearn.metrics import average_precision_score, ndcg_score, roc_auc_score
 import deepcontent.evaluate.metrics as metrics_module
 from deepcontent.evaluate.metrics import (
     cold_start_metrics,
+    cutoff_name,
+    describe_cutoffs,
     map_at_k,
+    metric_label,
     ndcg_at_k,
     per_user_auc,
     per_user_ranking_metrics,
@@ -228,18 +231,20 @@ def test_cold_start_metrics_keys_and_agreement_with_score_matrix():
     test_dense[[3, 4]] = 0
     test = sp.csr_matrix(test_dense)
     got = cold_start_metrics(X, Y, test, block_users=9)
-    assert set(got) == {"map500", "auc", "ndcg10", "recall50", "n_users", "n_skipped"}
+    # 120 candidate songs: "mAP@500" never cuts the list, so it is named the full-list mAP
+    assert set(got) == {"map_full", "auc", "ndcg10", "recall50", "n_users", "n_skipped", "n_candidates"}
+    assert got["n_candidates"] == 120
     n_eval = int((test_dense.sum(axis=1) > 0).sum())
     assert got["n_users"] == n_eval and got["n_skipped"] == 80 - n_eval
     S = X @ Y.T
-    assert got["map500"] == pytest.approx(map_at_k(S, test, k=500), rel=1e-12)
+    assert got["map_full"] == pytest.approx(map_at_k(S, test, k=500), rel=1e-12)
     assert got["ndcg10"] == pytest.approx(ndcg_at_k(S, test, k=10), rel=1e-12)
     assert got["recall50"] == pytest.approx(recall_at_k(S, test, k=50), rel=1e-12)
     per_user = per_user_ranking_metrics(S, test)
     assert got["auc"] == pytest.approx(np.mean(per_user["auc"]), rel=1e-12)
     # other cut-offs rename the keys; a user sample restricts the average
     other = cold_start_metrics(X, Y, test, map_k=20, ndcg_k=5, recall_k=7, users=np.array([0, 3, 10]))
-    assert set(other) == {"map20", "auc", "ndcg5", "recall7", "n_users", "n_skipped"}
+    assert set(other) == {"map20", "auc", "ndcg5", "recall7", "n_users", "n_skipped", "n_candidates"}
     assert other["n_skipped"] == 1 and other["n_users"] == 2
 
 
@@ -250,16 +255,16 @@ def test_perfect_and_reversed_factors():
     held[:, 0] = 1.0
     test = sp.csr_matrix(held)
     best = cold_start_metrics(np.eye(20), held.T, test, ndcg_k=3, recall_k=3)
-    assert best["map500"] == best["ndcg3"] == best["recall3"] == best["auc"] == 1.0
+    assert best["map_full"] == best["ndcg3"] == best["recall3"] == best["auc"] == 1.0
     worst = cold_start_metrics(np.eye(20), -held.T, test)
-    assert worst["auc"] == 0.0 and worst["map500"] < 0.5
+    assert worst["auc"] == 0.0 and worst["map_full"] < 0.5
 
 
 def test_nobody_to_evaluate_gives_nan_and_counts_the_skipped():
     empty = sp.csr_matrix((4, 6))
     assert math.isnan(map_at_k(np.zeros((4, 6)), empty))
     got = cold_start_metrics(np.ones((4, 2)), np.ones((6, 2)), empty)
-    assert math.isnan(got["map500"]) and math.isnan(got["auc"]) and got["n_users"] == 0 and got["n_skipped"] == 4
+    assert math.isnan(got["map_full"]) and math.isnan(got["auc"]) and got["n_users"] == 0 and got["n_skipped"] == 4
 
 
 def test_memory_stays_within_one_block(monkeypatch):
@@ -344,3 +349,32 @@ def test_tag_prediction_metrics_match_scikit_learn_per_tag():
     scores = U @ V.T  # songs × tags, continuous: no ties
     assert got["auc"] == pytest.approx(np.mean([roc_auc_score(tagged[:, t], scores[:, t]) for t in range(6)]))
     assert got["map"] == pytest.approx(np.mean([average_precision_score(tagged[:, t], scores[:, t]) for t in range(6)]))
+
+
+# -- honest names ------------------------------------------------------------------------------
+
+def test_a_cut_off_that_cuts_nothing_is_named_the_full_list_metric_with_its_k_recorded():
+    rng = np.random.default_rng(11)
+    X, Y = rng.normal(size=(40, 4)), rng.normal(size=(108, 4))  # 108 test songs, as in the demo
+    test = sp.csr_matrix(rng.random((40, 108)) < 0.08).astype(float)
+    got = cold_start_metrics(X, Y, test, map_k=500, ndcg_k=10, recall_k=50)
+    assert "map500" not in got and {"map_full", "ndcg10", "recall50"} <= set(got)
+    assert got["n_candidates"] == 108
+    # the value is exactly the full-list mAP (k = the number of candidates)
+    assert got["map_full"] == pytest.approx(map_at_k(X @ Y.T, test, k=108), rel=1e-12)
+    # NDCG and recall likewise once their k reaches the candidates; recall is then 1 by construction
+    full = cold_start_metrics(X, Y, test, map_k=108, ndcg_k=108, recall_k=200)
+    assert {"map_full", "ndcg_full", "recall_full"} <= set(full) and full["recall_full"] == pytest.approx(1.0)
+    # one below the number of candidates still cuts the list: the @k name stays
+    assert "map107" in cold_start_metrics(X, Y, test, map_k=107)
+    # what each name means, with the k that was asked for
+    d = describe_cutoffs(map_k=500, ndcg_k=10, recall_k=50, n_candidates=108)
+    assert set(d) == {"map_full", "ndcg10", "recall50"}
+    assert d["map_full"]["k"] == 500 and d["map_full"]["full_list"] and d["map_full"]["n_candidates"] == 108
+    assert "k=500" in d["map_full"]["description"] and "108" in d["map_full"]["description"]
+    assert d["map_full"]["label"] == "mAP (full list)" and d["ndcg10"]["label"] == "NDCG@10"
+    assert not d["ndcg10"]["full_list"]
+    assert cutoff_name("map", 500, 9330) == "map500" and cutoff_name("ndcg", 10, 10) == "ndcg_full"
+    assert metric_label("map500") == "mAP@500" and metric_label("recall_full") == "recall (full list)"
+    with pytest.raises(ValueError, match="'mrr'"):
+        cutoff_name("mrr", 5, 10)

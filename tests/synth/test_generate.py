@@ -84,7 +84,13 @@ def test_audio_clips_decode_at_the_configured_format(small_catalog):
 def test_gtzan_and_magnatagatune_layouts(small_catalog):
     cfg, storage, _ = small_catalog
     gtzan = [o.uri for o in storage.list(raw(cfg, storage, cfg.sources.gtzan))]
+    groups_uri = raw(cfg, storage, f"{cfg.sources.gtzan}/groups.csv")
+    assert groups_uri in gtzan  # each clip's artist, for the grouped transfer protocol
+    gtzan.remove(groups_uri)
     assert len(gtzan) == len(GENRES) * 2
+    groups = storage.read_bytes(groups_uri).decode().splitlines()
+    assert groups[0] == "path,artist" and len(groups) == 1 + len(gtzan)
+    assert "blues/blues.00001.wav,blues_artist001" in groups  # one clip per artist by default
     assert raw(cfg, storage, f"{cfg.sources.gtzan}/blues/blues.00001.wav") in gtzan
     audio, sr = sf.read(io.BytesIO(storage.read_bytes(gtzan[0])), always_2d=True)
     assert sr == 22050 and audio.shape[1] == 1 and abs(audio.shape[0] / sr - 30.0) < 0.01
@@ -131,3 +137,20 @@ def test_plays_only_mode_scales_without_attributes():
     users = make_users(20_000, n_comm=n_communities(20_000), mean_songs=47.5, seed=0)
     n = sum(len(b[0]) for b in iter_plays(songs, users, seed=0))
     assert 30 * users.n < n < 60 * users.n
+
+
+def test_gtzan_clips_of_one_synthetic_artist_share_its_sound(tmp_path):
+    from deepcontent.config import load_config
+    from deepcontent.storage import Storage
+    from deepcontent.synth.generate import gtzan_groups, gtzan_jobs
+
+    storage = Storage(f"file://{tmp_path}/s")
+    one = load_config(None, overrides=["synth.gtzan_per_genre=4"], environ={})
+    two = load_config(None, overrides=["synth.gtzan_per_genre=4", "synth.gtzan_clips_per_artist=2"], environ={})
+    solo, paired = gtzan_jobs(one, storage), gtzan_jobs(two, storage)
+    for a, b in ((paired[0].attrs, paired[1].attrs), (paired[2].attrs, paired[3].attrs)):
+        assert (a.key, a.mode, a.timbre, a.swing) == (b.key, b.mode, b.timbre, b.swing)
+        assert a.tempo_bpm != b.tempo_bpm and abs(a.tempo_bpm - b.tempo_bpm) < 0.2 * a.tempo_bpm
+    assert [j.uri for j in solo] == [j.uri for j in paired]
+    assert gtzan_groups(two).decode().splitlines()[1:3] == ["blues/blues.00000.wav,blues_artist000",
+                                                            "blues/blues.00001.wav,blues_artist000"]

@@ -18,9 +18,17 @@ time. :func:`map_at_k`, :func:`ndcg_at_k`, :func:`recall_at_k` and
 :func:`per_user_ranking_metrics` take a score matrix instead. Ties: the top-k metrics rank a
 held-out item after every other candidate with the same score (pessimistic); the AUC counts a
 tie one half.
+
+Names are honest about the cut-off (:func:`cutoff_name`): a top-k metric whose k reaches the
+number of candidate items never cuts the ranked list, so "mAP@500" over 108 test songs is the
+full-list mAP and is named ``map_full`` (label "mAP (full list)"), not ``map500``; the k asked
+for and the number of candidates are recorded beside it (:func:`describe_cutoffs`). The paper's
+mAP@500 ranks 9,330 test songs; a full-list mAP over a hundred is not comparable with it.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,8 +36,11 @@ from deepcontent.interactions.weighting import canonical_csr
 
 __all__ = [
     "cold_start_metrics",
+    "cutoff_name",
+    "describe_cutoffs",
     "heldout_auc",
     "map_at_k",
+    "metric_label",
     "ndcg_at_k",
     "per_user_auc",
     "per_user_ranking_metrics",
@@ -214,6 +225,68 @@ def _check_k(k, name: str) -> int:
     return int(k)
 
 
+_TOP_K_METRICS = {"map": "mAP", "ndcg": "NDCG", "recall": "recall", "precision": "precision"}
+
+
+def cutoff_name(metric: str, k: int, n_candidates: int) -> str:
+    """The name of a top-k metric that says whether the cut-off cuts anything.
+
+    ``f"{metric}{k}"`` (``"map500"``) when ``k < n_candidates``: the top k of a longer list;
+    ``f"{metric}_full"`` (``"map_full"``) when ``k >= n_candidates``: the cut-off keeps every
+    candidate, so the number is the metric of the full ranked list, whatever k was asked for.
+
+    Parameters
+    ----------
+    metric : {"map", "ndcg", "recall", "precision"}
+    k : int >= 1
+    n_candidates : int >= 0
+        Items each user's list ranks (the most any evaluated user has).
+    """
+    if metric not in _TOP_K_METRICS:
+        raise ValueError(f"metric must be one of {sorted(_TOP_K_METRICS)}, got {metric!r}")
+    k = _check_k(k, "k")
+    if isinstance(n_candidates, bool) or not isinstance(n_candidates, (int, np.integer)) or n_candidates < 0:
+        raise ValueError(f"n_candidates must be an integer >= 0, got {n_candidates!r}")
+    return f"{metric}_full" if k >= n_candidates else f"{metric}{k}"
+
+
+def describe_cutoffs(*, map_k: int, ndcg_k: int, recall_k: int, n_candidates: int) -> dict:
+    """What each cut-off of :func:`cold_start_metrics` means for ``n_candidates`` items.
+
+    Returns
+    -------
+    dict
+        ``{name: {"k": k asked for, "n_candidates": int, "full_list": bool, "label": str,
+        "description": str}}``, one entry per metric, keyed by its :func:`cutoff_name`.
+    """
+    out = {}
+    for metric, k in (("map", map_k), ("ndcg", ndcg_k), ("recall", recall_k)):
+        name = cutoff_name(metric, k, n_candidates)
+        full = name.endswith("_full")
+        what = {"map": "mean average precision", "ndcg": "normalised discounted cumulative gain",
+                "recall": "recall (hits / min(k, relevant))"}[metric]
+        if full:
+            text = (f"{what} over the full ranked list: k={k} >= the {n_candidates} candidate items, so the "
+                    f"cut-off cuts nothing (not comparable with a {_TOP_K_METRICS[metric]}@{k} over a larger "
+                    f"catalog)")
+            if metric == "recall":
+                text += "; every relevant item is in the list, so it is 1 by construction"
+        else:
+            text = f"{what} of the top {k} of {n_candidates} candidate items"
+        out[name] = {"k": int(k), "n_candidates": int(n_candidates), "full_list": full, "label": metric_label(name),
+                     "description": text}
+    return out
+
+
+def metric_label(name: str) -> str:
+    """Display label of a metric key: ``map500`` -> ``mAP@500``, ``map_full`` -> ``mAP (full list)``,
+    ``auc`` -> ``AUC``; other keys with underscores as spaces."""
+    m = re.fullmatch(r"(map|ndcg|recall|precision)(\d+|_full)", name)
+    if m:
+        return _TOP_K_METRICS[m[1]] + (" (full list)" if m[2] == "_full" else "@" + m[2])
+    return {"auc": "AUC", "valid_nmse": "valid NMSE", "tag_auc": "tag AUC"}.get(name, name.replace("_", " "))
+
+
 def _heldout_positives(test_user_items, exclude_user_items):
     """Positives = held-out items not in ``exclude_user_items`` (int8 pattern, CSR), and the
     excluded pattern (or None)."""
@@ -339,6 +412,7 @@ def _ranking_pass(score_rows, n_users: int, n_items: int, test_user_items, *, ex
     return {
         "users": evaluated,
         "n_relevant": p_all,
+        "n_candidates": int((p_all + q_all).max()) if n_eval else int(n_items),
         "ap": ap,
         "ndcg": ndcg,
         "recall": recall,
@@ -393,6 +467,8 @@ def per_user_ranking_metrics(
         ``users`` int64 (n_eval,): the users evaluated, sorted — those with ≥ 1 held-out item;
         ``n_relevant`` int64 (n_eval,); ``ap``, ``ndcg``, ``recall`` float64 (n_eval,);
         ``auc`` float64 (n_eval,), NaN for a user with no other candidate;
+        ``n_candidates`` int: the most candidate items any evaluated user ranks (n_items less
+        the user's exclusions; n_items when nobody is evaluated);
         ``n_skipped`` int: requested users without any held-out item.
 
     Notes
@@ -482,10 +558,13 @@ def cold_start_metrics(
     Returns
     -------
     dict
-        ``{"map500", "auc", "ndcg10", "recall50"}`` (the names follow the cut-offs: ``f"map{map_k}"``
-        …), each the mean over users with ≥ 1 held-out item (the AUC over those that also have
-        another candidate; NaN when none), plus ``n_users`` (users evaluated) and ``n_skipped``
-        (requested users with no held-out item).
+        ``{"map500", "auc", "ndcg10", "recall50"}``, each the mean over users with ≥ 1 held-out
+        item (the AUC over those that also have another candidate; NaN when none), plus
+        ``n_users`` (users evaluated), ``n_skipped`` (requested users with no held-out item) and
+        ``n_candidates`` (items a user's list ranks). The names follow the cut-offs
+        (:func:`cutoff_name`): ``f"map{map_k}"`` when ``map_k`` is below the number of candidates,
+        ``"map_full"`` when it is not (108 test songs: "mAP@500" is the full-list mAP), and the
+        same for NDCG and recall; :func:`describe_cutoffs` says what each one means.
     """
     X = np.asarray(user_factors)
     Y = np.asarray(item_factors)
@@ -495,13 +574,15 @@ def cold_start_metrics(
                         test_user_items, exclude_user_items=exclude_user_items, users=users,
                         map_k=map_k, ndcg_k=ndcg_k, recall_k=recall_k, with_auc=True,
                         block_users=block_users)
+    n = out["n_candidates"]
     return {
-        f"map{map_k}": _mean_or_nan(out["ap"]),
+        cutoff_name("map", map_k, n): _mean_or_nan(out["ap"]),
         "auc": _mean_or_nan(out["auc"]),
-        f"ndcg{ndcg_k}": _mean_or_nan(out["ndcg"]),
-        f"recall{recall_k}": _mean_or_nan(out["recall"]),
+        cutoff_name("ndcg", ndcg_k, n): _mean_or_nan(out["ndcg"]),
+        cutoff_name("recall", recall_k, n): _mean_or_nan(out["recall"]),
         "n_users": int(len(out["users"])),
         "n_skipped": out["n_skipped"],
+        "n_candidates": int(n),
     }
 
 
@@ -540,4 +621,4 @@ def tag_prediction_metrics(
     # tags play the users' part: each ranks the songs by a′_ts = v_t·u′_s
     m = cold_start_metrics(tag_factors, song_factors, S.T.tocsr(), users=tags, map_k=max(n_songs, 1), ndcg_k=1,
                            recall_k=1)
-    return {"auc": m["auc"], "map": m[f"map{max(n_songs, 1)}"], "n_tags": m["n_users"]}
+    return {"auc": m["auc"], "map": m["map_full"], "n_tags": m["n_users"]}

@@ -58,7 +58,6 @@ import html
 import io
 import math
 import os
-import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -67,7 +66,7 @@ import numpy as np
 
 __all__ = ["render_report"]
 
-_COUNT_KEYS = ("n_users", "n_skipped")
+_COUNT_KEYS = ("n_users", "n_skipped", "n_candidates")
 _BASE = "#4c72b0"  # every method
 _UPPER = "#dd8452"  # the upper bound
 _MAX_MAP_POINTS = 2000  # t-SNE is O(n log n) per iteration: a seeded sample keeps it to seconds
@@ -106,10 +105,9 @@ def _e(x) -> str:
 
 
 def _metric_label(name: str) -> str:
-    m = re.fullmatch(r"(map|ndcg|recall|precision)(\d+)", name)
-    if m:
-        return {"map": "mAP", "ndcg": "NDCG", "recall": "recall", "precision": "precision"}[m[1]] + "@" + m[2]
-    return {"auc": "AUC", "valid_nmse": "valid NMSE", "tag_auc": "tag AUC"}.get(name, name.replace("_", " "))
+    from deepcontent.evaluate.metrics import metric_label
+
+    return metric_label(name)
 
 
 def _is_number(x) -> bool:
@@ -167,7 +165,7 @@ def _method_label(method: str, upper_bound: str) -> str:
 
 # -- cold start -------------------------------------------------------------------------------
 
-def _cold_start(results, upper_bound: str) -> str:
+def _cold_start(results, upper_bound: str, cutoffs=None) -> str:
     title = "Cold-start recommendation (test songs)"
     if not isinstance(results, Mapping) or not results:
         return _section(title, _note("No cold-start results in this run."), "cold-start")
@@ -201,6 +199,16 @@ def _cold_start(results, upper_bound: str) -> str:
         rows.append(f'<tr{cls}><td class="name">{name}</td>{cells}</tr>')
     table = f'<table><tr><th class="name">method</th>{head}</tr>{"".join(rows)}</table>'
     body = [table, "<p>Bold: the best method per metric, the upper bound aside.</p>"]
+    full = [k for k in metric_names if k.endswith("_full")]
+    if full:
+        n = next((results[m].get("n_candidates") for m in methods if _is_number((results[m] or {}).get("n_candidates"))),
+                 None)
+        cut = (cutoffs or {}) if isinstance(cutoffs, Mapping) else {}
+        asked = ", ".join(f"{_metric_label(k)}: k={cut[k]['k']}" for k in full if isinstance(cut.get(k), Mapping))
+        body.append(f"<p>{_e(', '.join(_metric_label(k) for k in full))}: the cut-off k"
+                    f"{' (' + _e(asked) + ')' if asked else ''} is at least the number of candidate items"
+                    f"{' (' + _fmt(n) + ')' if n is not None else ''}, so these are metrics of the full ranked "
+                    "list, not top-k metrics comparable with a larger catalog's.</p>")
     if metric_names:
         n = len(metric_names)
         cols = min(n, 2)
@@ -450,9 +458,50 @@ def _interpretation(results) -> str:
 
 # -- transfer ---------------------------------------------------------------------------------
 
+#: Keys of a transfer data set's results that describe the run, not a feature set.
+_TRANSFER_META = frozenset({"clips_left_out", "clips_found", "clips_used", "grouping", "protocol", "excerpts", "models",
+                            "models_left_out", "skipped", "left_out_reasons", "classes"})
+
+_PROTOCOL_WORDS = {"leave_one_group_out": "leave-one-group-out", "stratified_group_kfold": "grouped k-fold",
+                   "stratified_kfold": "stratified k-fold"}
+
+
+def _chosen_cs(result: Mapping) -> str:
+    cs = [c for fold in result.get("chosen_C") or [] for c in (fold if isinstance(fold, list) else [fold])]
+    return f"C chosen per fold: {', '.join(f'{c:g}' for c in sorted(set(cs)))}" if cs else ""
+
+
+def _protocol_rows(dataset: str, features: str, result: Mapping):
+    """The rows of one feature set under every protocol (transfer_protocols' result)."""
+    if "mean" in result:
+        folds = result.get("folds")
+        label = f"accuracy (stratified {folds}-fold)" if folds else "accuracy (stratified)"
+        yield (dataset, features, label, f"{_fmt(result['mean'], 3)} ± {_fmt(result.get('std'), 3)}",
+               _chosen_cs(result))
+    else:
+        yield dataset, features, "accuracy (stratified)", "—", str(result.get("stratified_skipped", ""))
+    g = result.get("grouped")
+    if isinstance(g, Mapping) and "accuracy" in g:
+        how = _PROTOCOL_WORDS.get(str(g.get("protocol")), str(g.get("protocol")))
+        detail = f"per fold {_fmt(g.get('mean'), 3)} ± {_fmt(g.get('std'), 3)}; {_chosen_cs(g)}"
+        if g.get("folds_missing_a_test_class"):
+            detail += f"; {g['folds_missing_a_test_class']} folds held out a class absent from their training part"
+        yield (dataset, features, f"accuracy (grouped: {how}, {g.get('folds')} folds, {g.get('groups')} groups)",
+               _fmt(g["accuracy"], 3), detail)
+    else:
+        yield dataset, features, "accuracy (grouped)", "—", str(result.get("grouped_skipped", ""))
+    nn = result.get("nearest_neighbour")
+    if isinstance(nn, Mapping):
+        yield (dataset, features, "1-NN accuracy (neighbour from another group)",
+               _fmt(result.get("grouped_1nn_accuracy"), 3),
+               f"any other clip as the neighbour: {_fmt(nn.get('any_accuracy'), 3)}")
+
+
 def _transfer_rows(dataset: str, features: str, result, label: str = ""):
     if _is_number(result):
         yield dataset, features, label or "value", _fmt(result), ""
+    elif isinstance(result, Mapping) and "stratified_mean" in result:
+        yield from _protocol_rows(dataset, features, result)
     elif isinstance(result, Mapping) and "mean" in result:
         # one C per outer fold, or per fold one C per fused feature set
         cs = [c for fold in result.get("chosen_C") or [] for c in (fold if isinstance(fold, list) else [fold])]
@@ -504,6 +553,8 @@ def _transfer(results) -> str:
             continue
         best = None
         for features, r in by_features.items():
+            if features in _TRANSFER_META:
+                continue
             rows += list(_transfer_rows(str(dataset), str(features), r))
             if isinstance(r, Mapping) and "confusion" in r and _is_number(r.get("mean")):
                 if best is None or r["mean"] > best[1]["mean"]:
@@ -516,7 +567,11 @@ def _transfer(results) -> str:
                        f'<td>{d}</td><td class="name">{_e(e)}</td></tr>' for a, b, c, d, e in rows)
              + "</table>")
     intro = ("<p>Linear L2-SVMs on each feature set: accuracy by nested stratified cross-validation "
-             "(mean ± std over the outer folds), tag AUC averaged over tags.</p>")
+             "(mean ± std over the outer folds), tag AUC averaged over tags. Where the clips have a grouping "
+             "(artist, album, source), the same by a grouped protocol that never puts one group on both sides "
+             "of a split (pooled accuracy over the held-out clips), and the accuracy of the nearest clip from "
+             "another group: a feature that recognises the artist rather than the genre scores high under the "
+             "stratified protocol and low under these.</p>")
     if not figures:
         figures.append(_note("No confusion matrix among the transfer results."))
     return _section(title, intro + table + "".join(figures), "transfer")
@@ -532,6 +587,7 @@ def render_report(
     title: str = "deepcontent evaluation report",
     upper_bound: str = "upper_bound",
     seed: int = 0,
+    sections: tuple[str, ...] | None = None,
 ) -> str:
     """Render the evaluation report as one self-contained HTML page.
 
@@ -549,6 +605,10 @@ def render_report(
         The ``cold_start`` method drawn as the upper bound.
     seed : int
         For the map's t-SNE and its sample of songs: the same inputs give the same file.
+    sections : tuple of str or None
+        Only these sections, in page order, among ``cold-start``, ``map``, ``neighbors``,
+        ``training``, ``source``, ``tags``, ``transfer``, ``interpretation`` (None: all); the
+        ``transfer`` command's report is ``("transfer",)``.
 
     Returns
     -------
@@ -559,23 +619,26 @@ def render_report(
         raise TypeError(f"metrics must be a mapping (the metrics.json content), got {type(metrics).__name__}")
     figures_data = figures_data or {}
     run = metrics.get("run")
-    sections = [
-        _cold_start(metrics.get("cold_start"), upper_bound),
-        _embedding_map(figures_data.get("embedding_map"), seed),
-        _neighbors(figures_data.get("neighbors")),
-        _training_curves(figures_data.get("training_curves")),
-        _source(metrics.get("source")),
-        _tag_prediction(metrics.get("tag_prediction")),
-        _transfer(metrics.get("transfer")),
-        _interpretation(metrics.get("interpretation")),
-    ]
-    toc = " · ".join(
-        f'<a href="#{a}">{t}</a>'
-        for a, t in [("cold-start", "cold start"), ("map", "map"), ("neighbors", "neighbours"),
-                     ("training", "training"), ("source", "source task"), ("tags", "tag prediction"),
-                     ("transfer", "transfer"),
-                     ("interpretation", "interpretation")]
-    )
+    builders = {
+        "cold-start": lambda: _cold_start(metrics.get("cold_start"), upper_bound,
+                                          (metrics.get("protocol") or {}).get("cold_start")),
+        "map": lambda: _embedding_map(figures_data.get("embedding_map"), seed),
+        "neighbors": lambda: _neighbors(figures_data.get("neighbors")),
+        "training": lambda: _training_curves(figures_data.get("training_curves")),
+        "source": lambda: _source(metrics.get("source")),
+        "tags": lambda: _tag_prediction(metrics.get("tag_prediction")),
+        "transfer": lambda: _transfer(metrics.get("transfer")),
+        "interpretation": lambda: _interpretation(metrics.get("interpretation")),
+    }
+    titles = {"cold-start": "cold start", "map": "map", "neighbors": "neighbours", "training": "training",
+              "source": "source task", "tags": "tag prediction", "transfer": "transfer",
+              "interpretation": "interpretation"}
+    chosen = list(builders) if sections is None else list(sections)
+    unknown = [s for s in chosen if s not in builders]
+    if unknown:
+        raise ValueError(f"unknown report sections {unknown}; choose from {list(builders)}")
+    sections = [builders[a]() for a in chosen]
+    toc = " · ".join(f'<a href="#{a}">{titles[a]}</a>' for a in chosen)
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n"

@@ -78,6 +78,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           incremental=True),
     Stage("evaluate", "ray", "cold-start metrics (mAP@500, AUC, NDCG@10, recall@50) per method, transfer to "
                              "GTZAN / MTAT layouts, HTML report"),
+    Stage("transfer", "ray", "genre transfer on any GTZAN-layout folder (DIR or URI): every listening model's "
+                             "features and fixed-feature baselines, linear SVM by nested CV stratified and grouped "
+                             "(artist / album), 1-NN across groups", in_pipeline=False),
     Stage("maintain", "ray", "compact Iceberg partitions holding position deletes or small files; expire old "
                              "snapshots (no commit when nothing needs it)", incremental=True, in_pipeline=False),
     Stage("nightly", "spark", "ingest -> spectrograms -> embed -> neighbors -> maintain for new or changed tracks "

@@ -20,19 +20,26 @@ registered. Methods (``evaluate.methods``):
                     published ones is refused. Clip predictions are window averages.
 ``upper_bound``     fold-in from the test plays.
 
+Top-k metrics are named honestly (:func:`~deepcontent.evaluate.metrics.cutoff_name`): with
+fewer test songs than ``evaluate.map_k``, "mAP@500" is the full-list mAP and is reported as
+``map_full``; ``metrics.json``'s ``protocol`` section says, per number, what it is (the k asked
+for, the number of candidates; the transfer protocols).
+
 Also: validation NMSE per regressor (source task); tag prediction from the tag WMF
 (``factors/tags``, fitted by the factorize stage); transfer with CNN features (predicted
 factors, penultimate layer) vs spherical K-means features — nested-CV linear-SVM accuracy on
-the GTZAN-layout folder and tag AUC on the MagnaTagATune-layout set, their clips decoded through
-the spectrogram job's isolated decoder; the embedding dimension most correlated with each
-hand-crafted descriptor; and a self-contained HTML report. Outputs go to
+the GTZAN-layout folder, stratified over clips and, where the folder has a grouping (its own
+``groups.csv`` or ``transfer.group_level``), grouped over artists / albums with the 1-NN from
+another group (the machinery of the ``transfer`` stage, :mod:`deepcontent.stages.transfer`) —
+and tag AUC on the MagnaTagATune-layout set, their clips decoded through the spectrogram job's
+isolated decoder; the embedding dimension most correlated with each hand-crafted descriptor;
+and a self-contained HTML report. Outputs go to
 ``<root>/evaluate/<run_id>/{metrics.json,report.html}`` and a copy to ``evaluate.report_dir``.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import time
@@ -48,7 +55,7 @@ from deepcontent import datasets
 from deepcontent.config import Config
 from deepcontent.datasets import ITEM_INDEX, SPECTROGRAMS, SPLITS, TAG_INDEX, TAGS, TRACKS, USER_INDEX, WAVEFORMS
 from deepcontent.errors import InputMissingError, TrainingDataError
-from deepcontent.evaluate.metrics import cold_start_metrics, tag_prediction_metrics
+from deepcontent.evaluate.metrics import cold_start_metrics, describe_cutoffs, metric_label, tag_prediction_metrics
 from deepcontent.evaluate.regressors import FixedFeatures, SplitArrays
 from deepcontent.factorize.foldin import fold_in
 from deepcontent.manifest import log
@@ -280,73 +287,84 @@ def target_clip_mels(cfg: Config, storage: Storage, uris: list[str], *,
 
     Returns ``{"mel": [...]}`` — plus ``"harmonic"`` and ``"percussive"`` with ``hpss`` — each a
     list of float32 ``(n_mels, n_frames)`` arrays, one per kept clip."""
-    from deepcontent.engines.sandbox import ClipDecoder, Failure
+    from deepcontent.stages.transfer import decode_clips
 
-    sc = cfg.spectrograms
-    settings = sc.mel_settings()
-    if hpss != settings.hpss:
-        settings = dataclasses.replace(settings, hpss=hpss)
-    parts = ("mel", "harmonic", "percussive") if hpss else ("mel",)
-    clips: dict[str, list[np.ndarray]] = {p: [] for p in parts}
-    kept, skipped = [], {}
-    with ClipDecoder(storage, sc.compute_fn, settings=settings, timeout_s=sc.decode_timeout_s,
-                     memory_limit_mb=sc.decoder_memory_mb, max_bytes=sc.max_audio_bytes) as decoder:
-        for i, data, failure in decoder.fetch([(u, None) for u in uris]):
-            result = failure or decoder.decode(data)
-            if isinstance(result, Failure):  # a missing or undecodable clip: recorded, the rest goes on
-                skipped[uris[i]] = f"{result.reason}: {result.detail}"[:300]
-                log.warning("evaluate: target-set clip %s left out: %s", uris[i], skipped[uris[i]])
-                continue
-            for p in parts:
-                clips[p].append(np.asarray(result[p], np.float32))
-            kept.append(i)
-    return clips, kept, skipped
+    clips, kept, skipped = decode_clips(cfg, storage, uris, hpss=hpss, stage=STAGE)
+    return {p: [np.asarray(m, np.float32) for m in v] for p, v in clips.items()}, kept, skipped
 
 
 def gtzan_clips(cfg: Config, storage: Storage, *, hpss: bool = False) -> tuple[dict[str, list[np.ndarray]], list[str], dict[str, str]]:
-    """The GTZAN-layout folder (``<genre>/<clip>``): log-mels, genre labels, left-out clips."""
+    """The GTZAN-layout folder (``<genre>/<clip>``): float32 log-mels, genre labels, and
+    ``{uri: reason}`` of the clips left out."""
+    from deepcontent.stages.transfer import read_target_folder
+
     base = storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.gtzan)
-    uris = [o.uri for o in storage.list(base)]
-    clips, kept, skipped = target_clip_mels(cfg, storage, uris, hpss=hpss)
-    labels = [uris[i][len(base):].strip("/").split("/")[0] for i in kept]
-    return clips, labels, skipped
+    target = read_target_folder(cfg, storage, base, hpss=hpss, stage=STAGE)
+    clips = target.mels[cfg.spectrograms.mel_settings().key()]
+    return ({p: [np.asarray(m, np.float32) for m in v] for p, v in clips.items()}, target.labels,
+            {join(base, k): r for k, r in target.left_out.items()})
 
 
-def _transfer_features(fixed: FixedFeatures, cache: dict, mels: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Transfer features of target-set clips: spherical K-means, and per evaluated CNN variant its
-    predicted factors and penultimate layer (window averages)."""
+def _transfer_features(cfg: Config, fixed: FixedFeatures, cache: dict, mels: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Transfer features of target-set clips: spherical K-means (the dictionary learnt on the
+    catalog's train clips), and per evaluated CNN variant its predicted factors and penultimate
+    layer (window averages); each averaged over ``transfer.excerpts_per_track`` excerpts of
+    ``transfer.excerpt_seconds`` from the middle of the clip."""
     from deepcontent.embed.pooling import clip_outputs
+    from deepcontent.stages.transfer import excerpt_features, excerpt_frames
 
-    feats = {"kmeans": fixed.kmeans().transform(mels)}
+    frames, count = excerpt_frames(cfg, cfg.spectrograms.mel_settings()), cfg.transfer.excerpts_per_track
+    feats = {"kmeans": excerpt_features(fixed.kmeans().transform, mels, frames=frames, count=count)}
     for name, (model, kw, _) in cache.get("cnn_models", {}).items():
-        pred, emb = clip_outputs(model, mels, **kw)
+        pred, emb = excerpt_features(lambda views: clip_outputs(model, views, **kw), mels, frames=frames, count=count)
         feats[f"{name}_factors"], feats[f"{name}_penultimate"] = pred, emb
     return feats
 
 
 def _transfer(cfg: Config, storage: Storage, fixed: FixedFeatures, cache: dict) -> dict:
-    """GTZAN-layout genre accuracy (nested CV) per feature set — with ``evaluate.late_fusion``
-    also the harmonic / percussive / original late fusion of each — and the MTAT-layout tag AUC."""
-    from deepcontent.evaluate.transfer import late_fusion_svm_accuracy, nested_cv_svm_accuracy
+    """GTZAN-layout genre accuracy per feature set — nested CV stratified over clips, grouped over
+    the folder's groups (its own ``groups.csv``, or ``transfer.group_level``) and the 1-NN from
+    another group; with ``evaluate.late_fusion`` also the harmonic / percussive / original late
+    fusion of each — and the MTAT-layout tag AUC."""
+    from deepcontent.evaluate.transfer import late_fusion_svm_accuracy
+    from deepcontent.stages.transfer import jsonable, protocol_results, read_target_folder
 
-    ec = cfg.evaluate
-    clips, labels, skipped = gtzan_clips(cfg, storage, hpss=ec.late_fusion)
+    ec, tc = cfg.evaluate, cfg.transfer
+    base = storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.gtzan)
+    target = read_target_folder(cfg, storage, base, group_level=tc.group_level, hpss=ec.late_fusion, stage=STAGE)
+    clips = target.mels[cfg.spectrograms.mel_settings().key()]
+    labels, groups = target.labels, target.groups
+    skipped = {join(base, k): r for k, r in target.left_out.items()}
     mels = clips["mel"]
-    if len(set(labels)) < 2 or min(labels.count(g) for g in set(labels)) < ec.transfer_folds:
-        return {"gtzan": {"skipped": f"{len(mels)} clips in {len(set(labels))} genres: too few for "
-                                     f"{ec.transfer_folds}-fold CV", "clips_left_out": skipped}}
-    feats = _transfer_features(fixed, cache, mels)
-    out = {name: _jsonable(nested_cv_svm_accuracy(x, labels, folds=ec.transfer_folds, seed=ec.seed))
+    counts = [labels.count(g) for g in set(labels)]
+    if len(counts) < 2 or min(counts) < 2:
+        return {"gtzan": {"skipped": f"{len(mels)} clips in {len(counts)} genres: too few for a nested "
+                                     f"cross-validation", "clips_left_out": skipped}}
+    feats = _transfer_features(cfg, fixed, cache, mels)
+    out = {name: protocol_results(cfg, name, x, labels, groups, folds=ec.transfer_folds, seed=ec.seed, stage=STAGE)
            for name, x in feats.items()}
     if ec.late_fusion:
         # the same feature extractors on each HPSS component, one SVM per component, scores averaged
-        parts = {p: _transfer_features(fixed, cache, clips[p]) for p in ("harmonic", "percussive")}
+        parts = {p: _transfer_features(cfg, fixed, cache, clips[p]) for p in ("harmonic", "percussive")}
         for name, x in feats.items():
-            fused = late_fusion_svm_accuracy([x, parts["harmonic"][name], parts["percussive"][name]], labels,
-                                             folds=ec.transfer_folds, seed=ec.seed)
-            out[f"{name}_hpss_fusion"] = _jsonable(fused)
+            views = [x, parts["harmonic"][name], parts["percussive"][name]]
+            if "mean" not in out[name]:
+                continue
+            fused = jsonable(late_fusion_svm_accuracy(views, labels, folds=out[name]["folds"],
+                                                      inner_folds=out[name]["inner_folds"], seed=ec.seed))
+            fused.update(stratified_mean=fused["mean"], stratified_std=fused["std"])
+            if groups is not None and out[name].get("grouped"):
+                g = jsonable(late_fusion_svm_accuracy(views, labels, groups=groups, folds=tc.grouped_folds,
+                                                      inner_folds=tc.inner_folds, max_logo_groups=tc.max_logo_groups,
+                                                      seed=ec.seed))
+                fused.update(grouped=g, grouped_accuracy=g["accuracy"], grouped_std=g["std"])
+            else:
+                fused.update(grouped_accuracy=None, grouped_std=None,
+                             grouped_skipped=out[name].get("grouped_skipped", "no grouping"))
+            out[f"{name}_hpss_fusion"] = fused
     log.info("evaluate: GTZAN-layout transfer accuracy %s",
              ", ".join(f"{n} {r['mean']:.3f}±{r['std']:.3f}" for n, r in out.items() if "mean" in r))
+    out.update(clips_found=target.found, clips_used=len(target.keys), grouping=target.grouping)
     if skipped:
         out["clips_left_out"] = skipped
     result = {"gtzan": out}
@@ -381,7 +399,7 @@ def _mtat(cfg: Config, storage: Storage, fixed: FixedFeatures, cache: dict) -> d
         return {"skipped": f"{len(mels)} usable MagnaTagATune-layout clips: too few", "clips_left_out": skipped}
     T = np.asarray(tags, np.int8)
     out = {}
-    for name, x in _transfer_features(fixed, cache, mels).items():
+    for name, x in _transfer_features(cfg, fixed, cache, mels).items():
         try:
             out[name] = _jsonable(mtat_tag_auc(x, T, paths, top=50, seed=cfg.evaluate.seed))
         except ValueError as exc:  # e.g. no tag with both classes in the test parts
@@ -444,6 +462,7 @@ def _figures(storage: Storage, inp: _Inputs, cache: dict) -> dict:
 def run(cfg: Config, ctx: StageContext) -> StageResult:
     """Run the stage; see the module docstring."""
     from deepcontent.evaluate.report import render_report
+    from deepcontent.evaluate.transfer import PROTOCOL_NOTES
 
     storage, ec = ctx.storage, cfg.evaluate
     with StageRun(STAGE, cfg, storage, sections=("evaluate", "train", "factorize")) as run:
@@ -468,9 +487,9 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             cold[name] = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in m.items()}
             if info:
                 source[name] = info
-            log.info("evaluate: %-13s mAP@%d %.4f  AUC %.4f  NDCG@%d %.4f  recall@%d %.4f  (%.1fs)", name, ec.map_k,
-                     m[f"map{ec.map_k}"], m["auc"], ec.ndcg_k, m[f"ndcg{ec.ndcg_k}"], ec.recall_k,
-                     m[f"recall{ec.recall_k}"], time.perf_counter() - t0)
+            log.info("evaluate: %-13s %s  (%.1fs)", name,
+                     "  ".join(f"{metric_label(k)} {v:.4f}" for k, v in cold[name].items() if isinstance(v, float)),
+                     time.perf_counter() - t0)
         tags = {}
         if ec.tag_prediction:
             with run.timed("tag_prediction"):
@@ -481,8 +500,11 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                 transfer = _transfer(cfg, storage, fixed, cache)
         with run.timed("interpretation"):
             interpretation = _interpretation(cfg, inp, cache)
+        protocol = {"cold_start": describe_cutoffs(map_k=ec.map_k, ndcg_k=ec.ndcg_k, recall_k=ec.recall_k,
+                                                   n_candidates=len(inp.test_tracks)),
+                    "transfer": PROTOCOL_NOTES}
         metrics = {"cold_start": cold, "source": source, "tag_prediction": tags, "transfer": transfer,
-                   "interpretation": interpretation,
+                   "interpretation": interpretation, "protocol": protocol,
                    "run": {"run_id": run.run_id, "test_songs": len(inp.test_tracks), "users": len(inp.eval_users),
                            "train_songs": inp.data.counts["train_songs"], "valid_songs": inp.data.counts["valid_songs"]}}
         with run.timed("report"):
@@ -500,4 +522,4 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         log.info("evaluate: report %s (copy at %s)", outputs["report"], outputs["local_report"])
         return run.succeed(counts={"test_songs": len(inp.test_tracks), "users": len(inp.eval_users), "methods": len(cold)},
                            outputs=outputs, record={"metrics": metrics}, cold_start=cold, source=source,
-                           tag_prediction=tags, transfer=transfer, report=outputs["local_report"])
+                           tag_prediction=tags, transfer=transfer, protocol=protocol, report=outputs["local_report"])

@@ -9,7 +9,8 @@ What is written below ``<storage.root>/<storage.raw_prefix>`` (keys from ``sourc
   SQLite ``lastfm/lastfm_tags.db`` with its ``tids``, ``tags``, ``tid_tag`` tables);
 * ``audio/A/B/C/TRABC….mp3`` — 30 s, 44.1 kHz stereo clips (OGG/FLAC/WAV by config);
 * ``gtzan/genres/<genre>/<genre>.000NN.wav`` — a disjoint labelled set, GTZAN layout
-  (30 s, 22,050 Hz mono);
+  (30 s, 22,050 Hz mono), and ``gtzan/genres/groups.csv`` naming each clip's artist
+  (``synth.gtzan_clips_per_artist`` clips each) for the grouped transfer protocol;
 * ``magnatagatune/annotations_final.csv`` + ``magnatagatune/<0-9a-f>/…mp3`` — a disjoint tagged
   set in the MagnaTagATune layout (29.1 s, 16 kHz mono, parts 0–f).
 
@@ -20,6 +21,7 @@ pool (``synth.workers``, default all cores), each worker uploading its own clips
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -229,16 +231,52 @@ def write_lastfm_db(storage: Storage, uri: str, songs: Songs, tags: dict[int, li
 
 
 # ----------------------------------------------------------------------------- target sets
+def gtzan_artist(genre: str, k: int, clips_per_artist: int) -> str:
+    """The synthetic artist of GTZAN-layout clip ``k`` of ``genre`` (its group in ``groups.csv``)."""
+    return f"{genre}_artist{k // clips_per_artist:03d}"
+
+
+def _artist_clip(base: SongAttributes, rng: np.random.Generator) -> SongAttributes:
+    """One song of an artist: the artist's key, mode, lead timbre and swing, its tempo and sound
+    varied a little (what makes an artist recognisable without saying its genre)."""
+    def near(x: float, spread: float = 0.04) -> float:
+        return float(np.clip(x + rng.normal(0.0, spread), 0.0, 1.0))
+
+    return dataclasses.replace(
+        base, tempo_bpm=float(np.clip(base.tempo_bpm * (1.0 + rng.normal(0.0, 0.03)), 60.0, 190.0)),
+        brightness=near(base.brightness), rhythm_density=near(base.rhythm_density),
+        percussion=near(base.percussion) if base.percussion > 0 else 0.0, distortion=near(base.distortion))
+
+
 def gtzan_jobs(cfg: Config, storage: Storage) -> list[ClipJob]:
-    """GTZAN layout: ``genres/<genre>/<genre>.000NN.wav``, 30 s 22,050 Hz mono, disjoint songs."""
+    """GTZAN layout: ``genres/<genre>/<genre>.000NN.wav``, 30 s 22,050 Hz mono, disjoint songs.
+
+    With ``synth.gtzan_clips_per_artist`` > 1, consecutive clips of a genre share an artist (its
+    key, mode, timbre, swing; tempo and sound varied a little); with 1 every clip is drawn on its
+    own, as in GTZAN-style sets without an artist filter."""
     base = storage.raw_uri(cfg.storage.raw_prefix, cfg.sources.gtzan)
+    per_artist = cfg.synth.gtzan_clips_per_artist
     jobs = []
     for g, genre in enumerate(GENRES):
         for k in range(cfg.synth.gtzan_per_genre):
             rng = np.random.default_rng([cfg.synth.seed, 0x67, g, k])
-            jobs.append(ClipJob(join(base, genre, f"{genre}.{k:05d}.wav"), sample_attributes(genre, rng),
-                                int(rng.integers(2**31)), 30.0, 22050, 1, "wav"))
+            if per_artist > 1:
+                artist = sample_attributes(genre, np.random.default_rng([cfg.synth.seed, 0x68, g, k // per_artist]))
+                attrs = _artist_clip(artist, rng)
+            else:
+                attrs = sample_attributes(genre, rng)
+            jobs.append(ClipJob(join(base, genre, f"{genre}.{k:05d}.wav"), attrs, int(rng.integers(2**31)), 30.0,
+                                22050, 1, "wav"))
     return jobs
+
+
+def gtzan_groups(cfg: Config) -> bytes:
+    """``groups.csv`` of the GTZAN-layout set: ``path,artist`` per clip (the grouping the transfer
+    evaluation holds out whole)."""
+    per_artist = cfg.synth.gtzan_clips_per_artist
+    rows = [f"{genre}/{genre}.{k:05d}.wav,{gtzan_artist(genre, k, per_artist)}\n"
+            for genre in GENRES for k in range(cfg.synth.gtzan_per_genre)]
+    return ("path,artist\n" + "".join(rows)).encode()
 
 
 def mtat_clips(cfg: Config, storage: Storage) -> tuple[list[ClipJob], bytes]:
@@ -317,6 +355,8 @@ def generate(cfg: Config, storage: Storage) -> dict:
             audio_bytes = _run_clip_jobs(storage, jobs, workers=workers, what="catalog clips")
         with manifest.timed("targets"):
             g_jobs = gtzan_jobs(cfg, storage)
+            if g_jobs:
+                storage.write_bytes(join(raw(cfg.sources.gtzan), "groups.csv"), gtzan_groups(cfg))
             m_jobs, annotations = mtat_clips(cfg, storage)
             storage.write_bytes(join(raw(cfg.sources.mtat), "annotations_final.csv"), annotations)
             _run_clip_jobs(storage, g_jobs + m_jobs, workers=workers, what="GTZAN/MTAT clips")
