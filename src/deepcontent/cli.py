@@ -193,6 +193,28 @@ def _results_table(cold_start: dict, cutoffs: dict | None = None) -> list[str]:
     return lines
 
 
+def _seeds_lines(seeds: dict | None, *, indent: str = "    ") -> list[str]:
+    """The cold-start table over repeated runs: mean ± sd per method and metric, then the
+    orderings whose intervals are apart."""
+    from deepcontent.evaluate.metrics import metric_label
+
+    summary = (seeds or {}).get("cold_start") or {}
+    if not summary:
+        return []
+    keys = [k for k, v in next(iter(summary.values())).items() if isinstance(v, dict)]
+    head = {k: metric_label(k).replace(" (full list)", "(full)") for k in keys}
+    width = max([18, *(len(h) + 2 for h in head.values())])
+    lines = [f"{indent}over seeds {', '.join(map(str, seeds['seeds']))} (mean ± sd; WMF, regressors and CNNs refitted "
+             f"per seed, same split):",
+             f"{indent}{'method':<14}" + "".join(f"{head[k]:>{width}}" for k in keys)]
+    for method, r in summary.items():
+        cells = [f"{r[k]['mean']:.4f} ± {r[k]['sd']:.4f}" if k in r else "—" for k in keys]
+        lines.append(f"{indent}{method:<14}" + "".join(f"{c:>{width}}" for c in cells))
+    for k, pairs in (seeds.get("orderings") or {}).items():
+        lines.append(f"{indent}{head[k]} orderings that hold: " + (", ".join(f"{a} > {b}" for a, b in pairs) or "none"))
+    return lines
+
+
 def _accuracy_lines(results: dict, *, indent: str = "    ") -> list[str]:
     """Transfer results (one object per feature set) as fixed-width lines: stratified mean ± std,
     grouped (pooled) accuracy, 1-NN from another group, 1-NN from any clip."""
@@ -262,6 +284,8 @@ def _print_pipeline(result: dict) -> None:
         print("  evaluate : cold-start recommendation on the test songs (no test plays used except by upper_bound)")
         for line in _results_table(ev["cold_start"], (ev.get("protocol") or {}).get("cold_start")):
             print(line)
+        for line in _seeds_lines(ev.get("seeds")):
+            print(line)
         tags = (ev.get("tag_prediction") or {}).get("methods") or {}
         if tags:
             print("    tag prediction (A′ = U′Vᵀ on the test songs): "
@@ -320,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--skip-generate", action="store_true", help="use the catalog already in storage")
             p.add_argument("--stop-after", choices=list(PIPELINE), default=None, metavar="STAGE",
                            help=f"stop after this stage (one of: {', '.join(PIPELINE)})")
+        if name in ("evaluate", "pipeline"):
+            p.add_argument("--seeds", type=int, default=None, metavar="N",
+                           help="repeat the cold-start evaluation with seeds 0..N-1 (evaluate.seeds): WMF, every "
+                                "regressor and every CNN variant refitted per seed on the same split; the table "
+                                "reports mean ± sd and the orderings whose intervals are apart")
         if name == "rollback":
             p.add_argument("dataset", metavar="DATASET", help="dataset key under the storage root, or its URI")
         if name == "transfer":
@@ -388,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides=args.overrides)
         if args.command == "transfer":
             cfg = _transfer_config(cfg, args)
+        if getattr(args, "seeds", None) is not None:
+            if args.seeds < 1:
+                raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+            cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"seeds": tuple(range(args.seeds))})})
     except ConfigError as exc:
         print(redact_text(f"deepcontent: {exc}"), file=sys.stderr)
         return 2
@@ -403,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         _print_pipeline(result)
     elif args.command == "transfer" and not args.json:
         _print_transfer(result)
+    elif args.command == "evaluate" and not args.json:
+        print(json.dumps(result, indent=2, default=str))
+        print("\ndeepcontent evaluate: cold-start recommendation on the test songs")
+        for line in [*_results_table(result["cold_start"], (result.get("protocol") or {}).get("cold_start")),
+                     *_seeds_lines(result.get("seeds"))]:
+            print(line)
     elif not args.json:
         print(json.dumps(result, indent=2, default=str))
     if args.json:

@@ -557,6 +557,13 @@ class EvaluateConfig(_Section):
     tag_methods: tuple[Literal["random", "bow_linear", "kmeans_linear", "cnn_tags", "upper_bound"], ...] = (
         "random", "bow_linear", "kmeans_linear", "cnn_tags", "upper_bound")
     seed: int = 0
+    # Repeated runs for error bars (`deepcontent evaluate --seeds 3` = [0, 1, 2]): per seed the
+    # cold-start WMF, every regressor and every CNN variant are refitted with that seed on the
+    # same song split, and the cold-start table reports mean ± sd over seeds. The catalog itself
+    # serves the seed its factorize / train / evaluate seeds all equal; every other seed is a
+    # replicate under <root>/replicates/seed-<s>/ (its own factors, models and runs, reading
+    # this catalog's inputs; its own warehouse namespace). Empty: one run at the configured seeds.
+    seeds: tuple[int, ...] = ()
     # Where a copy of metrics.json and report.html goes on the local disk (also written to
     # <root>/evaluate/<run_id>/ in object storage).
     report_dir: str = ".deepcontent/report"

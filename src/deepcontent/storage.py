@@ -228,6 +228,7 @@ class Storage:
         self._pafs: pafs.FileSystem | None = None
         self._local: pafs.FileSystem | None = None
         self._boto = None
+        self._overlay: tuple[str, frozenset[str]] | None = None
 
     @classmethod
     def from_config(cls, cfg: "StorageConfig") -> "Storage":
@@ -247,6 +248,18 @@ class Storage:
         catalog's registry, another bucket."""
         return Storage(root, endpoint_url=self.endpoint_url, region=self.region, credentials=self._credentials,
                        sweep_grace_s=self.sweep_grace_s, lock_lease_s=self.lock_lease_s, lock_settle_s=self.lock_settle_s)
+
+    def overlay(self, root: str, *, owns: Iterable[str]) -> "Storage":
+        """The same store where keys under the top-level prefixes ``owns`` (``factors``,
+        ``models``...) live under ``root`` and every other key under this root.
+
+        A replicate of a catalog (another seed of the evaluation) reads this catalog's inputs
+        (tracks, spectrograms, matrices) where they are and writes what it re-derives (its own
+        factors, models, runs) under ``root``: nothing is copied and nothing of this catalog
+        is overwritten. Travels to workers with the rest of the Storage (pickled)."""
+        out = self.with_root(self.root)
+        out._overlay = (root.rstrip("/"), frozenset(o.strip("/") for o in owns))
+        return out
 
     # ----------------------------------------------------------------- clients
     def _s3fs(self) -> pafs.FileSystem:
@@ -301,7 +314,12 @@ class Storage:
 
     # ----------------------------------------------------------------- naming
     def uri(self, *keys: str) -> str:
-        """URI of a key (or joined keys) under the root."""
+        """URI of a key (or joined keys) under the root (under the overlay's root for the
+        prefixes it owns, :meth:`overlay`)."""
+        if self._overlay is not None:
+            first = next((k.strip("/") for k in keys if k and k.strip("/")), "").split("/", 1)[0]
+            if first in self._overlay[1]:
+                return join(self._overlay[0], *keys)
         return join(self.root, *keys)
 
     def raw_uri(self, raw_prefix: str, *keys: str) -> str:

@@ -29,6 +29,7 @@ mAP@500 ranks 9,330 test songs; a full-list mAP over a hundred is not comparable
 from __future__ import annotations
 
 import re
+from typing import Any, Mapping
 
 import numpy as np
 import scipy.sparse as sp
@@ -47,6 +48,8 @@ __all__ = [
     "popularity_auc",
     "popularity_scores",
     "recall_at_k",
+    "seed_summary",
+    "separated_orderings",
     "tag_prediction_metrics",
 ]
 
@@ -622,3 +625,66 @@ def tag_prediction_metrics(
     m = cold_start_metrics(tag_factors, song_factors, S.T.tocsr(), users=tags, map_k=max(n_songs, 1), ndcg_k=1,
                            recall_k=1)
     return {"auc": m["auc"], "map": m["map_full"], "n_tags": m["n_users"]}
+
+
+# ----------------------------------------------------------------------------- repeated runs
+def seed_summary(per_seed: Mapping[int, Mapping[str, Mapping[str, float]]]) -> dict:
+    """Mean ± sample standard deviation of every method's metrics over repeated runs.
+
+    Parameters
+    ----------
+    per_seed : mapping
+        ``{seed: {method: {metric: value}}}``; integer entries (counts such as ``n_users``)
+        are carried over from the first seed, not averaged.
+
+    Returns
+    -------
+    dict
+        ``{method: {metric: {"mean", "sd", "values"}}}`` for the methods and float metrics
+        every seed has; ``sd`` is the sample sd (``ddof=1``; 0.0 for a single seed).
+
+    Raises
+    ------
+    ValueError
+        If ``per_seed`` is empty.
+    """
+    if not per_seed:
+        raise ValueError("seed_summary needs at least one seed's results")
+    seeds = sorted(per_seed)
+    methods = [m for m in per_seed[seeds[0]] if all(m in per_seed[s] for s in seeds)]
+    out: dict = {}
+    for method in methods:
+        first = per_seed[seeds[0]][method]
+        row: dict = {}
+        for metric, value in first.items():
+            if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                row[metric] = int(value)
+                continue
+            values = [float(per_seed[s][method][metric]) for s in seeds if metric in per_seed[s][method]]
+            if len(values) != len(seeds):
+                continue
+            v = np.asarray(values, dtype=np.float64)
+            row[metric] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                           "values": values}
+        out[method] = row
+    return out
+
+
+def separated_orderings(summary: Mapping[str, Mapping[str, Any]], *, metric: str) -> list[tuple[str, str]]:
+    """Pairs ``(a, b)`` where method ``a`` beats ``b`` on ``metric`` with the intervals
+    mean ± sd apart (``mean_a - sd_a > mean_b + sd_b``): the orderings repeated runs support.
+    Methods without the metric are skipped; pairs come best-first.
+
+    >>> s = {"x": {"auc": {"mean": 0.8, "sd": 0.01}}, "y": {"auc": {"mean": 0.7, "sd": 0.05}},
+    ...      "z": {"auc": {"mean": 0.72, "sd": 0.05}}}
+    >>> separated_orderings(s, metric="auc")
+    [('x', 'z'), ('x', 'y')]
+    """
+    rows = [(m, r[metric]) for m, r in summary.items() if isinstance(r.get(metric), Mapping)]
+    rows.sort(key=lambda mr: -mr[1]["mean"])
+    out = []
+    for i, (a, ra) in enumerate(rows):
+        for b, rb in rows[i + 1:]:
+            if ra["mean"] - ra["sd"] > rb["mean"] + rb["sd"]:
+                out.append((a, b))
+    return out

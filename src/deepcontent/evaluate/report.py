@@ -240,6 +240,28 @@ def _cold_start(results, upper_bound: str, cutoffs=None) -> str:
     return _section(title, "\n".join(body), "cold-start")
 
 
+def _seeds(section) -> str:
+    """Mean ± sd per method and metric over repeated runs, and the orderings that hold."""
+    title = "Repeated runs (mean ± sd over seeds)"
+    if not isinstance(section, Mapping) or not section.get("cold_start"):
+        return _section(title, _note("One run: set evaluate.seeds (deepcontent evaluate --seeds 3) for error bars."),
+                        "seeds")
+    summary = section["cold_start"]
+    metric_names = [k for k, v in next(iter(summary.values())).items() if isinstance(v, Mapping)]
+    head = "".join(f"<th>{_e(_metric_label(k))}</th>" for k in metric_names)
+    rows = []
+    for m, r in summary.items():
+        cells = "".join(f"<td>{_fmt(r[k]['mean'])} ± {_fmt(r[k]['sd'])}</td>" if isinstance(r.get(k), Mapping)
+                        else "<td>n/a</td>" for k in metric_names)
+        rows.append(f'<tr><td class="name">{_e(m)}</td>{cells}</tr>')
+    body = [f'<table><tr><th class="name">method</th>{head}</tr>{"".join(rows)}</table>',
+            f"<p>Seeds {_e(', '.join(str(x) for x in section.get('seeds', [])))}. {_e(section.get('protocol', ''))}.</p>"]
+    for k, pairs in (section.get("orderings") or {}).items():
+        text = ", ".join(f"{a} > {b}" for a, b in pairs) or "none: every pair's intervals overlap"
+        body.append(f"<p><b>{_e(_metric_label(k))}</b> orderings that hold: {_e(text)}.</p>")
+    return _section(title, "\n".join(body), "seeds")
+
+
 # -- embedding map ----------------------------------------------------------------------------
 
 def _project_2d(points: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
@@ -606,7 +628,8 @@ def render_report(
     seed : int
         For the map's t-SNE and its sample of songs: the same inputs give the same file.
     sections : tuple of str or None
-        Only these sections, in page order, among ``cold-start``, ``map``, ``neighbors``,
+        Only these sections, in page order, among ``cold-start``, ``seeds`` (shown when the
+        metrics have repeated runs), ``map``, ``neighbors``,
         ``training``, ``source``, ``tags``, ``transfer``, ``interpretation`` (None: all); the
         ``transfer`` command's report is ``("transfer",)``.
 
@@ -622,6 +645,7 @@ def render_report(
     builders = {
         "cold-start": lambda: _cold_start(metrics.get("cold_start"), upper_bound,
                                           (metrics.get("protocol") or {}).get("cold_start")),
+        "seeds": lambda: _seeds(metrics.get("seeds")),
         "map": lambda: _embedding_map(figures_data.get("embedding_map"), seed),
         "neighbors": lambda: _neighbors(figures_data.get("neighbors")),
         "training": lambda: _training_curves(figures_data.get("training_curves")),
@@ -630,10 +654,12 @@ def render_report(
         "transfer": lambda: _transfer(metrics.get("transfer")),
         "interpretation": lambda: _interpretation(metrics.get("interpretation")),
     }
-    titles = {"cold-start": "cold start", "map": "map", "neighbors": "neighbours", "training": "training",
+    titles = {"cold-start": "cold start", "seeds": "seeds", "map": "map", "neighbors": "neighbours", "training": "training",
               "source": "source task", "tags": "tag prediction", "transfer": "transfer",
               "interpretation": "interpretation"}
     chosen = list(builders) if sections is None else list(sections)
+    if sections is None and not metrics.get("seeds"):
+        chosen.remove("seeds")  # one run: no section to show
     unknown = [s for s in chosen if s not in builders]
     if unknown:
         raise ValueError(f"unknown report sections {unknown}; choose from {list(builders)}")

@@ -66,7 +66,8 @@ from deepcontent.stages.train import load_training_data
 from deepcontent.storage import Storage, join
 from deepcontent.train.variants import VARIANTS
 
-__all__ = ["STAGE", "gtzan_clips", "needed_variants", "run", "target_clip_mels"]
+__all__ = ["REPLICATE_OWNS", "STAGE", "catalog_seed", "evaluate_once", "gtzan_clips", "needed_variants", "replicate",
+           "replicate_config", "run", "target_clip_mels"]
 
 STAGE = "evaluate"
 FIXED_FEATURE_METHODS = ("random", "bow_linear", "bow_mlp", "kmeans_linear")
@@ -458,9 +459,100 @@ def _figures(storage: Storage, inp: _Inputs, cache: dict) -> dict:
     return fig
 
 
+# ----------------------------------------------------------------------------- repeated runs
+#: What a seed replicate re-derives under its own root (see :func:`replicate`); every other key
+#: (canonical tables, spectrograms, waveforms, matrices, the raw catalog) is this catalog's.
+REPLICATE_OWNS = ("factors", "models", "runs", "train", "evaluate", "warehouse", "quarantine")
+
+
+def catalog_seed(cfg: Config) -> int | None:
+    """The seed the catalog itself stands for: its factorize, train and evaluate seeds when they
+    are one value, else None (every seed of ``evaluate.seeds`` is then a replicate)."""
+    seeds = {cfg.factorize.seed, cfg.train.seed, cfg.evaluate.seed}
+    return next(iter(seeds)) if len(seeds) == 1 else None
+
+
+def replicate_config(cfg: Config, seed: int) -> Config:
+    """The config of seed ``seed``'s replicate: that seed for the cold-start WMF, every CNN
+    variant and every regressor; the listening matrix only (tags and transfer are reported for
+    the catalog itself); a warehouse namespace and report folder of its own."""
+    ec = cfg.evaluate
+    return cfg.model_copy(update={
+        "factorize": cfg.factorize.model_copy(update={"seed": seed, "matrices": ("plays",)}),
+        "train": cfg.train.model_copy(update={"seed": seed, "variants": ()}),
+        "evaluate": ec.model_copy(update={"seed": seed, "seeds": (), "transfer": False, "tag_prediction": False,
+                                          "report_dir": str(Path(ec.report_dir) / "replicates" / f"seed-{seed}")}),
+        "warehouse": cfg.warehouse.model_copy(update={"namespace": f"{cfg.warehouse.namespace}_seed{seed}"}),
+    })
+
+
+def replicate(cfg: Config, ctx: StageContext, seed: int) -> dict:
+    """Seed ``seed``'s cold-start results: the factorize stage, the CNN variants the evaluation
+    reads and the evaluation itself, on :func:`replicate_config` and a storage overlay
+    (``<root>/replicates/seed-<seed>/`` holds what it re-derives; the split, clips and play
+    matrices are the catalog's). Each stage is incremental there as anywhere: a second
+    ``--seeds`` run reuses the replicate's factors and models."""
+    from deepcontent.stages import StageContext as Context, run_stage
+    from deepcontent.stages.train import train_model
+    from deepcontent.train.variants import variant_config
+
+    cfg_s = replicate_config(cfg, seed)
+    root = ctx.storage.uri("replicates", f"seed-{seed}")
+    storage_s = ctx.storage.overlay(root, owns=REPLICATE_OWNS)
+    log.info("evaluate: seed %d — replicate under %s (WMF, %s and the regressors refitted)", seed, root,
+             ", ".join(needed_variants(cfg_s)) or "no CNN")
+    ctx_s = Context(cfg_s, storage_s, spark=ctx.spark if cfg.factorize.backend == "spark" else None)
+    try:
+        run_stage("factorize", cfg_s, ctx_s)
+        for name in needed_variants(cfg_s):
+            train_model(variant_config(cfg_s, name), ctx_s, promote=False)
+        result = evaluate_once(cfg_s, ctx_s)
+    finally:
+        ctx_s.close()
+    return {"cold_start": result.details["cold_start"], "root": root, "manifest": result.manifest_uri}
+
+
+def _seed_results(cfg: Config, ctx: StageContext) -> dict[int, dict]:
+    """Replicates of every seed of ``evaluate.seeds`` the catalog does not stand for."""
+    base = catalog_seed(cfg)
+    todo = [s for s in dict.fromkeys(cfg.evaluate.seeds) if s != base]
+    if todo and needed_variants(replicate_config(cfg, todo[0])):
+        ctx.ensure_ray()  # one Ray session for every replicate's training
+    return {s: replicate(cfg, ctx, s) for s in todo}
+
+
+def _seeds_section(cfg: Config, replicates: dict[int, dict], cold: dict) -> dict:
+    """``metrics.json``'s ``seeds``: the per-seed cold-start tables, their mean ± sd and the
+    orderings that hold (intervals apart)."""
+    from deepcontent.evaluate.metrics import seed_summary, separated_orderings
+
+    base = catalog_seed(cfg)
+    per_seed = {s: r["cold_start"] for s, r in replicates.items()}
+    if base in cfg.evaluate.seeds:
+        per_seed[base] = cold
+    summary = seed_summary(per_seed)
+    metrics = [k for k, v in next(iter(summary.values())).items() if isinstance(v, dict)] if summary else []
+    return {"seeds": sorted(per_seed), "catalog_seed": base if base in per_seed else None,
+            "cold_start": summary, "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)},
+            "orderings": {m: [list(p) for p in separated_orderings(summary, metric=m)] for m in metrics},
+            "replicates": {str(s): r["root"] for s, r in replicates.items()},
+            "protocol": "per seed: the cold-start WMF, every regressor and every CNN variant refitted with that seed "
+                        "on the same song split; mean and sample sd over seeds; an ordering a > b is listed when "
+                        "mean_a - sd_a > mean_b + sd_b"}
+
+
 # ----------------------------------------------------------------------------- stage
 def run(cfg: Config, ctx: StageContext) -> StageResult:
-    """Run the stage; see the module docstring."""
+    """Run the stage; see the module docstring. With ``evaluate.seeds``, the seeds the catalog
+    does not stand for run first as replicates (:func:`replicate`), then the catalog's own
+    evaluation reports their mean ± sd beside its own table."""
+    replicates = _seed_results(cfg, ctx) if cfg.evaluate.seeds else {}
+    return evaluate_once(cfg, ctx, replicates=replicates if cfg.evaluate.seeds else None)
+
+
+def evaluate_once(cfg: Config, ctx: StageContext, *, replicates: dict[int, dict] | None = None) -> StageResult:
+    """One evaluation of the catalog in ``ctx`` (``replicates``: other seeds' results to
+    summarise with it)."""
     from deepcontent.evaluate.report import render_report
     from deepcontent.evaluate.transfer import PROTOCOL_NOTES
 
@@ -503,7 +595,13 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         protocol = {"cold_start": describe_cutoffs(map_k=ec.map_k, ndcg_k=ec.ndcg_k, recall_k=ec.recall_k,
                                                    n_candidates=len(inp.test_tracks)),
                     "transfer": PROTOCOL_NOTES}
+        seeds = _seeds_section(cfg, replicates, cold) if replicates is not None else None
+        if seeds is not None:
+            for metric, pairs in seeds["orderings"].items():
+                log.info("evaluate: over seeds %s, %s orderings that hold: %s", seeds["seeds"], metric_label(metric),
+                         ", ".join(f"{a} > {b}" for a, b in pairs) or "none")
         metrics = {"cold_start": cold, "source": source, "tag_prediction": tags, "transfer": transfer,
+                   **({"seeds": seeds} if seeds is not None else {}),
                    "interpretation": interpretation, "protocol": protocol,
                    "run": {"run_id": run.run_id, "test_songs": len(inp.test_tracks), "users": len(inp.eval_users),
                            "train_songs": inp.data.counts["train_songs"], "valid_songs": inp.data.counts["valid_songs"]}}
@@ -522,4 +620,5 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         log.info("evaluate: report %s (copy at %s)", outputs["report"], outputs["local_report"])
         return run.succeed(counts={"test_songs": len(inp.test_tracks), "users": len(inp.eval_users), "methods": len(cold)},
                            outputs=outputs, record={"metrics": metrics}, cold_start=cold, source=source,
-                           tag_prediction=tags, transfer=transfer, protocol=protocol, report=outputs["local_report"])
+                           tag_prediction=tags, transfer=transfer, protocol=protocol, report=outputs["local_report"],
+                           **({"seeds": seeds} if seeds is not None else {}))
