@@ -4,20 +4,32 @@
   ``jobs/<stage>.py`` that exists, with overrides the typed config accepts;
 * every Spark stage has a SparkApplication, train/embed/neighbors a RayJob, train on GPUs;
 * credentials come from Kubernetes Secrets only: no literal secret in any file;
-* the Airflow DAG compiles and calls ``deepcontent submit`` with a known stage daily, with retries;
+* every manifest validates against the CRD schema of its operator (vendored under
+  infra/schemas, checked with ``jsonschema``; tests/k8s_schemas.py);
+* the Spark and Ray versions the manifests name are the pins of constraints.txt, the lock that
+  ``make`` and the Dockerfile install from, and this environment was installed from it;
 * the Dockerfile's inputs exist and the entry point script is valid bash.
+
+The Airflow DAG is imported into a real DagBag by tests/test_airflow_dag.py.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import importlib.metadata
 import re
+import tomllib
 import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+import k8s_schemas
 
 from deepcontent.config import load_config
 from deepcontent.submit import RAY_STAGES, SPARK_STAGES, STAGES
@@ -25,7 +37,7 @@ from deepcontent.submit import RAY_STAGES, SPARK_STAGES, STAGES
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 MANIFESTS = sorted((INFRA / "k8s").glob("*.yaml"))
-DAG = INFRA / "airflow" / "deepcontent_nightly.py"
+CONSTRAINTS = REPO / "constraints.txt"
 EXAMPLE = REPO / "conf" / "cluster.example.yaml"
 CONFIG_PATH = "/etc/deepcontent/cluster.yaml"
 KINDS = {"SparkApplication": "sparkoperator.k8s.io/v1beta2", "RayJob": "ray.io/v1"}
@@ -65,7 +77,10 @@ def _command(doc: dict) -> tuple[str, list[str]]:
 def test_there_are_manifests_for_every_cluster_stage():
     names = {p.name for p in MANIFESTS}
     assert {f"spark-{s}.yaml" for s in SPARK_STAGES} <= names
-    assert {f"rayjob-{s}.yaml" for s in ("train", "embed", "neighbors")} <= names
+    assert {f"rayjob-{s}.yaml" for s in ("train", "embed", "neighbors", "maintain")} <= names
+    # every stage of the nightly has a manifest: the Airflow DAG runs each from its own
+    nightly = load_config(EXAMPLE, environ={}).nightly.stages
+    assert all(f"spark-{s}.yaml" in names or f"rayjob-{s}.yaml" in names for s in nightly)
     for p in MANIFESTS:
         kind, stage = p.stem.split("-", 1)
         assert kind in ("spark", "rayjob") and stage in STAGES, p.name
@@ -139,31 +154,6 @@ def test_training_runs_one_worker_per_gpu():
     assert load_config(EXAMPLE, overrides=args[2:], environ={}).train.use_gpu
 
 
-def _dag_operator_call() -> ast.Call:
-    tree = ast.parse(DAG.read_text(), filename=str(DAG))
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "KubernetesPodOperator"]
-    assert len(calls) == 1
-    return calls[0]
-
-
-def test_the_nightly_dag_compiles_and_submits_a_known_stage_daily_with_retries():
-    source = DAG.read_text()
-    compile(source, str(DAG), "exec")  # Airflow is not installed here: syntax, not import
-    call = _dag_operator_call()
-    kw = {k.arg: k.value for k in call.keywords}
-    cmd = ast.literal_eval(kw["cmds"]) + ast.literal_eval(ast.unparse(kw["arguments"]).replace("CONFIG", repr(CONFIG_PATH)))
-    assert cmd[:3] == ["deepcontent", "submit", "nightly"] and cmd[2] in STAGES
-    assert cmd[3:5] == ["--config", CONFIG_PATH]
-    load_config(EXAMPLE, overrides=cmd[5:], environ={})
-    assert re.search(r'schedule="0 2 \* \* \*"', source)  # daily
-    assert re.search(r'"retries":\s*[1-9]', source)
-    for pattern in LITERAL_SECRETS:
-        assert not pattern.search(source)
-    # credentials by reference only: the Secret for env_from, a secretKeyRef for the password
-    assert "secret_ref=k8s.V1SecretEnvSource(name=\"deepcontent-s3\")" in source
-    assert not re.search(r"V1EnvVar\(name=\"[A-Z_]*(KEY|SECRET|PASSWORD|TOKEN)[A-Z_]*\",\s*value=", source)
-
-
 def test_the_dockerfile_copies_what_exists_and_runs_deepcontent():
     text = (INFRA / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim", text, re.M)
@@ -182,7 +172,7 @@ def test_the_dockerfile_copies_what_exists_and_runs_deepcontent():
 
 def test_no_file_in_infra_holds_a_literal_secret():
     for path in INFRA.rglob("*"):
-        if path.is_file():
+        if path.is_file() and "__pycache__" not in path.parts:
             text = path.read_text()
             for pattern in LITERAL_SECRETS:
                 assert not pattern.search(text), f"{path.relative_to(REPO)}: {pattern.pattern}"
@@ -219,3 +209,127 @@ def test_network_policy_admits_only_the_jobs_pods_to_the_ray_control_plane():
     namespaces = {doc["metadata"]["namespace"] for p in RAYJOBS for doc in _docs(p)}
     assert namespaces == {docs[0]["metadata"]["namespace"]}
     assert "networkpolicy-ray.yaml" in (INFRA / "README.md").read_text()
+
+
+# ---- manifests against the operators' CRD schemas -------------------------------------------------
+
+# The operator releases whose CRDs are vendored under infra/schemas (infra/schemas/README.md):
+# KubeRay 1.5.1 is the oldest release with the RayJob fields the manifests use (authOptions).
+CRD_RELEASES = {"kuberay": "v1.5.1", "spark-operator": "v2.5.2"}
+CRD_FILES = {"kuberay": ["ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml"],
+             "spark-operator": ["sparkoperator.k8s.io_sparkapplications.yaml"]}
+
+
+def _vendored_or_fail() -> dict:
+    missing = [f"infra/schemas/{op}/{rel}/{name}" for op, rel in CRD_RELEASES.items() for name in CRD_FILES[op]
+               if not (k8s_schemas.SCHEMAS / op / rel / name).is_file()]
+    if missing and k8s_schemas.SCHEMAS == INFRA / "schemas":
+        pytest.fail("vendored CRD schemas missing (see infra/schemas/README.md for their sources): " + ", ".join(missing))
+    return k8s_schemas.load_crd_schemas(k8s_schemas.SCHEMAS)
+
+
+def test_the_vendored_crds_are_one_release_per_operator_and_cover_every_manifest_kind():
+    schemas = _vendored_or_fail()
+    if k8s_schemas.SCHEMAS == INFRA / "schemas":
+        assert k8s_schemas.releases() == {op: [rel] for op, rel in CRD_RELEASES.items()}
+        readme = (INFRA / "schemas" / "README.md").read_text()
+        for op, rel in CRD_RELEASES.items():
+            for name in CRD_FILES[op]:  # unchanged copies of the upstream files the README names
+                row = re.search(rf"^\| `{re.escape(f'{op}/{rel}/{name}')}` \|.*`([0-9a-f]{{64}})` \|$", readme, re.M)
+                assert row, f"infra/schemas/README.md does not name the source of {op}/{rel}/{name}"
+                digest = hashlib.sha256((INFRA / "schemas" / op / rel / name).read_bytes()).hexdigest()
+                assert digest == row.group(1), f"infra/schemas/{op}/{rel}/{name} differs from the upstream file"
+    kinds = {(d["apiVersion"], d["kind"]) for p in MANIFESTS for d in _docs(p)}
+    assert kinds <= set(schemas), kinds - set(schemas)
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_validates_against_its_operators_crd(path):
+    _vendored_or_fail()
+    for doc in _docs(path):
+        errors = k8s_schemas.validate(doc)
+        assert not errors, f"{path.name} against {doc['kind']} {doc['apiVersion']}:\n  " + "\n  ".join(errors)
+
+
+def test_the_schema_check_is_strict_about_fields_and_types():
+    """What `kubectl apply` would refuse, the check refuses too: an unknown field (a typo), a
+    wrong type, a value outside an enum."""
+    _vendored_or_fail()
+    spark = _docs(INFRA / "k8s" / "spark-ingest.yaml")[0]
+    spark["spec"]["driver"]["memroy"] = "8g"
+    spark["spec"]["executor"]["instances"] = "ten"
+    spark["spec"]["mode"] = "everywhere"
+    errors = "\n".join(k8s_schemas.validate(spark))
+    assert "'memroy' was unexpected" in errors and "spec.executor.instances" in errors and "spec.mode" in errors
+    ray = _docs(INFRA / "k8s" / "rayjob-embed.yaml")[0]
+    ray["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = 3
+    ray["spec"]["shutdownAfterJobFinish"] = True
+    errors = "\n".join(k8s_schemas.validate(ray))
+    assert "'shutdownAfterJobFinish' was unexpected" in errors and "containers.0.imagePullPolicy" in errors
+    # int-or-string quantities and preserved free-form fields stay accepted
+    ray = _docs(INFRA / "k8s" / "rayjob-embed.yaml")[0]
+    ray["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = 4
+    assert k8s_schemas.validate(ray) == []
+    assert k8s_schemas.validate({"apiVersion": "ray.io/v9", "kind": "RayJob"})[0].startswith("no vendored CRD")
+
+
+# ---- pinned builds -------------------------------------------------------------------------------------
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version and ";" not in line, f"constraints.txt: {line!r} is not name==version"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_the_manifests_name_the_pinned_spark_and_ray_and_the_projects_image():
+    pins = _pins()
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    for path in MANIFESTS:
+        doc = _docs(path)[0]
+        if doc["kind"] == "SparkApplication":
+            assert doc["spec"]["sparkVersion"] == pins["pyspark"], (path.name, doc["spec"]["sparkVersion"], pins["pyspark"])
+        else:
+            ray_version = doc["spec"]["rayClusterSpec"]["rayVersion"]
+            assert ray_version == pins["ray"], (path.name, ray_version, pins["ray"])
+        images = {n["image"] for n in _walk(doc) if isinstance(n, dict) and isinstance(n.get("image"), str)}
+        assert images and all(i.rsplit(":", 1)[1].split("-")[0] == version for i in images), (path.name, images)
+
+
+def test_the_lock_pins_every_dependency_within_pyproject_and_installs_are_made_from_it():
+    pins = _pins()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for spec in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        if name == "torch":  # pinned apart (CPU or CUDA build): TORCH_SPEC / TORCH_VERSION
+            continue
+        assert name in pins, f"constraints.txt has no pin for {req.name}"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {spec!r}"
+    assert "torch" not in pins and canonicalize_name(project["name"]) not in pins
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^CONSTRAINTS := constraints\.txt$", makefile, re.M)
+    assert re.search(r"^\$\(VENV\)/\.installed: pyproject\.toml \$\(CONSTRAINTS\)$", makefile, re.M)  # re-install on change
+    assert re.search(r'pip install --quiet -c \$\(CONSTRAINTS\) -e "\.\[test\]"', makefile)
+    torch = re.search(r"^TORCH_SPEC \?= torch==(\S+)$", makefile, re.M).group(1)
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    assert re.search(r"^COPY .*\bconstraints\.txt\b", dockerfile, re.M)
+    assert re.search(r"pip install -c constraints\.txt -e \.", dockerfile)
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(torch)}$", dockerfile, re.M)
+    assert "ray[default,client]" not in dockerfile and "[client]" not in dockerfile  # no Ray Client anywhere
+
+
+def test_this_environment_is_the_lock():
+    """What `make setup` installed from constraints.txt: every pinned package that is installed
+    here has its pinned version (a drifted .venv: `make setup` after touching constraints.txt)."""
+    pins = _pins()
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    for name in ("pyspark", "ray"):
+        assert installed.get(name) == pins[name], (name, installed.get(name), pins[name])
+    drift = {n: (installed[n], v) for n, v in pins.items() if n in installed and installed[n] != v}
+    assert not drift, f"installed != constraints.txt: {drift}"

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from support import config_for
-from deepcontent import submit
+from deepcontent import code_identity, submit
 from deepcontent.cli import main as cli_main
 from deepcontent.storage import Storage
 
@@ -103,6 +103,13 @@ def test_ray_stage_command_submits_to_the_dashboard_with_the_checkout(tmp_path, 
     assert "--no-wait" in argv[:argv.index("--")]
     assert argv[argv.index("--submission-id") + 1].startswith("deepcontent-train-")
     assert json.loads(argv[argv.index("--metadata-json") + 1])["stage"] == "train"
+    # the checkout's package travels as py_modules (first on the job's path), its fingerprint in
+    # the job's environment for the entry point to check
+    env = json.loads(argv[argv.index("--runtime-env-json") + 1])
+    assert env["py_modules"] == [str(REPO / "src" / "deepcontent")]
+    assert env["env_vars"] == {code_identity.ENV: code_identity.fingerprint(REPO / "src" / "deepcontent")}
+    assert "__pycache__/" in env["excludes"]
+    assert json.loads(argv[argv.index("--metadata-json") + 1])["code"] == env["env_vars"][code_identity.ENV]
     entry = argv[argv.index("--") + 1:]
     assert entry == ["python", "jobs/train.py", "--config", str(cfg.resolve()), "train.epochs=3", "ray.address=auto"]
     # --address wins over the config; a config inside the checkout travels as a relative path
@@ -175,6 +182,49 @@ def test_the_cli_dispatches_submit(tmp_path, capsys):
                           str(REPO / "conf" / "cluster.example.yaml"), "--dry-run"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert shlex.split(out.stdout)[-2:] == ["--config", str(REPO / "conf" / "cluster.example.yaml")]
+
+
+def test_a_job_refuses_to_run_other_code_than_was_submitted(tmp_path, capsys):
+    """The entry point's check: the fingerprint in the job's environment must be the imported
+    package's, or the job stops before it reads its config (exit 2, both codes named)."""
+    here = code_identity.fingerprint()
+    assert here == code_identity.fingerprint(code_identity.package_dir()) and len(here) == 16
+    assert code_identity.check_submitted_code({}) is None  # not a submitted job
+    assert here in code_identity.check_submitted_code({code_identity.ENV: here})
+    with pytest.raises(submit.SubmitError, match=f"code {here}.*code 0123456789abcdef"):
+        code_identity.check_submitted_code({code_identity.ENV: "0123456789abcdef"})
+    # the fingerprint follows the sources: one changed byte changes it
+    copy = tmp_path / "deepcontent"
+    shutil.copytree(code_identity.package_dir(), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_identity.fingerprint(copy) == here
+    (copy / "__init__.py").write_text((copy / "__init__.py").read_text() + "\n")
+    assert code_identity.fingerprint(copy) != here
+    out = subprocess.run([sys.executable, "-m", "deepcontent.cli", "maintain", "--config", str(_config(tmp_path, {}))],
+                         env=dict(os.environ, **{code_identity.ENV: "0123456789abcdef"}), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "not the code that was submitted (code 0123456789abcdef)" in out.stderr, out.stderr
+
+
+def test_a_ray_jobs_config_carries_no_secret(tmp_path):
+    from deepcontent.config import load_config
+
+    cfg = load_config(_config(tmp_path, {"storage": {"root": "s3://music/dc", "embedded_s3": False}}),
+                      environ={"AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID0001", "AWS_SECRET_ACCESS_KEY": SECRET})
+    data = submit.job_config(cfg)
+    assert data["storage"]["access_key_id"] is None and data["storage"]["secret_access_key"] is None
+    assert SECRET not in json.dumps(data) and "AKIAEXAMPLEKEYID0001" not in json.dumps(data)
+    assert load_config(_write(tmp_path / "job.yaml", data), environ={}).public_dict() == \
+        load_config(_write(tmp_path / "job2.yaml", data), environ={}).public_dict()
+    # a secret the cluster could not get from its environment is refused, not written down
+    cfg = load_config(_config(tmp_path, {"warehouse": {"uri": "postgresql://dc:hunter2-secret@db:5432/iceberg"}}),
+                      environ={})
+    with pytest.raises(submit.SubmitError, match="warehouse.uri"):
+        submit.job_config(cfg)
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 # ---- real clusters on loopback ---------------------------------------------------------------------
@@ -399,5 +449,76 @@ def test_train_submitted_to_a_ray_head(ray_head, spark, tmp_path):
     manifests = [o.uri for o in storage.list(storage.uri("runs", "train")) if o.uri.endswith(".json")]
     assert len(manifests) == 1 and storage.read_json(manifests[0])["status"] == "succeeded"
     assert production["model_version"].startswith("paper_cnn-")
-    jobs = _json(f"{ray_head}/api/jobs/")
-    assert [(j["status"], j["metadata"].get("stage")) for j in jobs] == [("SUCCEEDED", "train")]
+    jobs = [j for j in _json(f"{ray_head}/api/jobs/") if j["metadata"].get("stage") == "train"]
+    assert [j["status"] for j in jobs] == ["SUCCEEDED"]
+
+
+def _checkout_with_marker(tmp_path: Path) -> tuple[Path, str]:
+    """A copy of this checkout (src/, jobs/, conf/) whose package differs from the installed one:
+    a marker constant, printed when the package is imported."""
+    checkout = tmp_path / "checkout"
+    for part in ("src", "jobs", "conf"):
+        shutil.copytree(REPO / part, checkout / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    marker = f"working-copy-{os.urandom(6).hex()}"
+    init = checkout / "src" / "deepcontent" / "__init__.py"
+    init.write_text(init.read_text() + f"\nCODE_MARKER = {marker!r}\n"
+                    "import sys as _sys\nprint('deepcontent CODE_MARKER=' + CODE_MARKER, file=_sys.stderr, flush=True)\n")
+    return checkout, marker
+
+
+def test_a_submitted_ray_job_runs_the_uploaded_code_not_the_installed(ray_head, tmp_path):
+    """`deepcontent submit` of a Ray stage from a working copy whose package differs from the
+    one installed here (and so on this Ray head): the job imports the uploaded package (its
+    marker is printed, its fingerprint checked) and the stage runs to the end."""
+    import deepcontent
+
+    checkout, marker = _checkout_with_marker(tmp_path)
+    assert not hasattr(deepcontent, "CODE_MARKER")  # the installed package has no marker
+    uploaded = code_identity.fingerprint(checkout / "src" / "deepcontent")
+    assert uploaded != code_identity.fingerprint()
+    storage = Storage(f"file://{tmp_path}/store")
+    storage.ensure_root()
+    config = _cluster_config(tmp_path, storage, ray={"address": ray_head})
+    out = _submit(["maintain", "--config", str(config), "--project-dir", str(checkout)], cwd=tmp_path,
+                  env_extra=RAY_ENV)
+    logs = out.stdout + out.stderr
+    assert out.returncode == 0, logs[-5000:]
+    assert f"deepcontent CODE_MARKER={marker}" in logs
+    assert f"running the submitted deepcontent code {uploaded}" in logs
+    assert f"from {REPO / 'src' / 'deepcontent'}" not in logs  # not the installed package
+    jobs = [j for j in _json(f"{ray_head}/api/jobs/") if j["metadata"].get("code") == uploaded]
+    assert [(j["status"], j["metadata"]["stage"]) for j in jobs] == [("SUCCEEDED", "maintain")]
+
+
+def test_without_the_uploaded_package_the_job_refuses_to_run(ray_head, tmp_path):
+    """What `submit` used to do: upload the checkout as working_dir only. With the src/ layout
+    the job imports the installed package, not the submitted one; the fingerprint check stops it."""
+    checkout, marker = _checkout_with_marker(tmp_path)
+    config = _cluster_config(tmp_path, Storage(f"file://{tmp_path}/store"))
+    env = {"working_dir": str(checkout), "excludes": submit.RAY_EXCLUDES,
+           "env_vars": {code_identity.ENV: code_identity.fingerprint(checkout / "src" / "deepcontent")}}
+    out = subprocess.run([*submit.ray_cli(), "job", "submit", "--address", ray_head, "--runtime-env-json", json.dumps(env),
+                          "--", "python", "jobs/maintain.py", "--config", str(config), "ray.address=auto"],
+                         cwd=tmp_path, env=dict(os.environ, **RAY_ENV), capture_output=True, text=True, timeout=300)
+    logs = out.stdout + out.stderr
+    assert out.returncode != 0, logs[-3000:]
+    assert f"deepcontent CODE_MARKER={marker}" not in logs
+    assert "not the code that was submitted" in logs, logs[-3000:]
+
+
+def test_the_nightly_runs_its_ray_stages_as_ray_jobs(ray_head, tmp_path):
+    """`deepcontent nightly` with a cluster's address: its Ray stages go through the Jobs API
+    (shipping this package and the run's config), never Ray Client; the summary names each job."""
+    storage = Storage(f"file://{tmp_path}/store")
+    storage.ensure_root()
+    config = _cluster_config(tmp_path, storage, ray={"address": ray_head})
+    out = subprocess.run([sys.executable, "-m", "deepcontent.cli", "nightly", "--config", str(config), "--json",
+                          "nightly.stages=[maintain]", "embed.model_version=none-needed"],
+                         cwd=tmp_path, env=dict(os.environ, **RAY_ENV), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    job_id = summary["stages"]["maintain"]["ray_job_id"]
+    assert summary["status"] == "succeeded" and summary["stages"]["maintain"]["run_id"].startswith("maintain-")
+    (job,) = [j for j in _json(f"{ray_head}/api/jobs/") if j["submission_id"] == job_id]
+    assert job["status"] == "SUCCEEDED" and job["metadata"]["code"] == code_identity.fingerprint()
+    assert job["entrypoint"].startswith("python -m deepcontent.cli maintain --config config.yaml")

@@ -19,7 +19,9 @@ import logging
 import sys
 from typing import Callable
 
+from deepcontent.code_identity import check_submitted_code
 from deepcontent.config import Config, ConfigError, load_config
+from deepcontent.errors import SubmitError
 from deepcontent.manifest import log, setup_logging
 from deepcontent.redact import RedactingArgumentParser, redact, redact_text
 from deepcontent.stages import PIPELINE, STAGES
@@ -413,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
         args.files = [a for a in args.overrides if not _is_override(a)]
         args.overrides = [a for a in args.overrides if _is_override(a)]
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    try:  # a submitted job runs the code that was submitted, or nothing (deepcontent.code_identity)
+        identity = check_submitted_code()
+    except SubmitError as exc:
+        print(f"deepcontent {args.command}: {exc}", file=sys.stderr)
+        return exc.code
+    if identity:
+        log.info("%s", identity)
     try:
         cfg = load_config(args.config, overrides=args.overrides)
         if args.command == "transfer":

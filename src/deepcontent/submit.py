@@ -13,8 +13,14 @@ process; this module only builds the submitter's command line from the cluster c
   memory, shuffle partitions and every other ``spark.conf`` entry come from the ``spark`` section
   of the config.
 * **Ray stages** (train, embed, neighbors, evaluate, transfer, maintain) go through ``ray job
-  submit`` to the Ray dashboard (``http://head:8265``), uploading the checkout as the job's
-  working directory. Inside the job ``ray.address=auto`` joins the cluster the job runs on.
+  submit`` to the Ray dashboard (``http://head:8265``; the Ray Jobs API, never Ray Client),
+  uploading the checkout as the job's working directory and the deepcontent package it holds as
+  the job's ``py_modules``: the uploaded code comes first on the job's ``PYTHONPATH``, so the job
+  runs the code that was submitted, not the copy installed in the cluster's image. The job checks
+  that before it starts (its entry point compares the package it imported with the fingerprint
+  the submission names, :mod:`deepcontent.code_identity`). Inside the job ``ray.address=auto``
+  joins the cluster the job runs on. :func:`run_ray_stage_job` does the same from Python (the
+  nightly job's Ray stages on a cluster).
 
 The job re-reads the same config file with the same ``key.path=value`` overrides, so what the
 submitter decides (the Spark master, the Ray address) and what the stage does agree. The cluster
@@ -45,8 +51,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deepcontent.code_identity import ENV as CODE_ENV
+from deepcontent.code_identity import fingerprint, package_dir
 from deepcontent.config import Config, ConfigError, load_config
-from deepcontent.errors import SubmitError
+from deepcontent.errors import StageError, SubmitError
 from deepcontent.manifest import log, setup_logging
 from deepcontent.redact import RedactingArgumentParser, looks_secret, redact_text
 from deepcontent.stages import STAGES as REGISTRY
@@ -65,7 +73,8 @@ SECRET_OVERRIDES = ("storage.access_key_id", "storage.secret_access_key")
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # Paths never uploaded with a Ray job's working directory (Ray already skips .git, .venv and
 # whatever .gitignore lists; these matter for a checkout without a .gitignore).
-RAY_EXCLUDES = [".deepcontent/", "spark-warehouse/", "metastore_db/", "*.egg-info/", "__pycache__/"]
+RAY_EXCLUDES = [".deepcontent/", "spark-warehouse/", "metastore_db/", "*.egg-info/", "__pycache__/",
+                ".venv-airflow*"]
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
@@ -208,9 +217,33 @@ def ray_jobs_client_missing() -> list[str]:
     return [m for m in ("aiohttp", "requests") if importlib.util.find_spec(m) is None]
 
 
+def shipped_package(project: Path) -> Path:
+    """The deepcontent package a Ray job ships as its ``py_modules``: the checkout's
+    ``src/deepcontent`` when ``project`` is a source checkout, else the package this process
+    imported (an installed deepcontent submitting from elsewhere)."""
+    candidate = project / "src" / "deepcontent"
+    if (candidate / "__init__.py").is_file():
+        return candidate.resolve()
+    import deepcontent
+
+    return Path(deepcontent.__file__).resolve().parent
+
+
+def ray_runtime_env(package: Path, working_dir: Path | None = None) -> dict:
+    """The runtime environment of a deepcontent Ray job: ``package`` uploaded as ``py_modules``
+    (first on the job's ``PYTHONPATH``), the fingerprint of that code in the job's environment
+    (checked by the job's entry point), and ``working_dir`` when given."""
+    env: dict = {"py_modules": [str(package)], "excludes": RAY_EXCLUDES,
+                 "env_vars": {CODE_ENV: fingerprint(package)}}
+    if working_dir is not None:
+        env["working_dir"] = str(working_dir)
+    return env
+
+
 def ray_command(stage: str, *, cfg: Config, config_arg: str, overrides: list[str], jobs_dir: str,
                 no_wait: bool, project: Path, address: str | None, python: str) -> Submission:
-    """``ray job submit`` for a Ray stage, uploading ``project`` as the working directory."""
+    """``ray job submit`` for a Ray stage, uploading ``project`` as the working directory and its
+    deepcontent package as ``py_modules``."""
     target = address or cfg.ray.address
     if not target:
         raise SubmitError(f"no Ray address: set ray.address in the config or pass --address "
@@ -226,15 +259,110 @@ def ray_command(stage: str, *, cfg: Config, config_arg: str, overrides: list[str
         raise SubmitError(f"job file {job} is outside the working directory {project} that Ray uploads; "
                           f"pass --project-dir") from None
     submission_id = f"deepcontent-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    runtime_env = ray_runtime_env(shipped_package(project.resolve()))
     argv = [*ray_cli(), "job", "submit", "--address", dashboard, "--submission-id", submission_id,
             "--working-dir", str(project.resolve()),
-            "--runtime-env-json", json.dumps({"excludes": RAY_EXCLUDES}, separators=(",", ":")),
-            "--metadata-json", json.dumps({"stage": stage, "run_name": cfg.run_name}, separators=(",", ":"))]
+            "--runtime-env-json", json.dumps(runtime_env, separators=(",", ":")),
+            "--metadata-json", json.dumps({"stage": stage, "run_name": cfg.run_name,
+                                           "code": runtime_env["env_vars"][CODE_ENV]}, separators=(",", ":"))]
     if no_wait:
         argv.append("--no-wait")
     # Inside the job, `auto` joins the cluster it runs on (the config's address is for submitters).
     argv += ["--", python, job_arg, "--config", config_arg, *overrides, "ray.address=auto"]
     return Submission(stage, "ray", argv, cwd=str(project))
+
+
+def job_config(cfg: Config) -> dict:
+    """``cfg`` as a config file a Ray job on the cluster can load: every value, with the S3 keys
+    left out (the cluster's own environment or credentials file provides them). A secret the
+    cluster could not get otherwise (in ``warehouse.properties``, ``spark.conf`` or a URL) is
+    refused rather than written down."""
+    data = cfg.public_dict()
+    data["storage"]["access_key_id"] = data["storage"]["secret_access_key"] = None
+    hidden = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+        elif isinstance(node, str) and "***" in node:
+            hidden.append(path)
+
+    walk(data, "")
+    if hidden:
+        raise SubmitError(f"cannot hand {', '.join(hidden)} to a Ray job: the value holds a secret; give it to the "
+                          f"cluster through its environment (warehouse.catalog_password_env, AWS_*) instead")
+    return data
+
+
+def run_ray_stage_job(stage: str, cfg: Config, *, address: str, timeout_s: float | None = None,
+                      poll_s: float = 2.0, log=None) -> dict:
+    """Run ``stage`` as a Ray job through the Jobs API of the cluster at ``address`` and wait for it.
+
+    The job ships this process's deepcontent package (``py_modules``, code identity checked by
+    the job) and ``cfg`` as its config file (:func:`job_config`); it runs
+    ``python -m deepcontent.cli <stage> --json ray.address=auto``.
+
+    Returns
+    -------
+    dict
+        The stage's result as the job printed it (``run_id``, ``published``, ``counts``,
+        ``quarantined``, ...), plus ``ray_job_id``.
+
+    Raises
+    ------
+    StageError
+        The job failed or stopped (the message names the job and ends with its log's tail).
+    """
+    import tempfile
+
+    import yaml
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    if stage not in RAY_STAGES:
+        raise SubmitError(f"{stage!r} is not a Ray stage ({', '.join(RAY_STAGES)})")
+    if cfg.storage.embedded_s3:
+        raise SubmitError("a Ray job on a cluster cannot reach the embedded S3 server of this process; "
+                          "set storage.embedded_s3=false and a store the cluster shares")
+    dashboard = ray_dashboard_address(address)
+    package = package_dir()  # the code this process runs
+    with tempfile.TemporaryDirectory(prefix="deepcontent-job-") as work:
+        Path(work, "config.yaml").write_text(yaml.safe_dump(job_config(cfg), sort_keys=False))
+        client = JobSubmissionClient(dashboard)
+        submission_id = f"deepcontent-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        runtime_env = ray_runtime_env(package, Path(work))
+        client.submit_job(
+            entrypoint=shlex.join(["python", "-m", "deepcontent.cli", stage, "--config", "config.yaml", "--json",
+                                   "ray.address=auto"]),
+            submission_id=submission_id, runtime_env=runtime_env,
+            metadata={"stage": stage, "run_name": cfg.run_name, "code": runtime_env["env_vars"][CODE_ENV]})
+    if log is not None:
+        log.info("submitted %s as Ray job %s to %s (code %s)", stage, submission_id, dashboard,
+                 runtime_env["env_vars"][CODE_ENV])
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while (status := client.get_job_status(submission_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                     JobStatus.STOPPED):
+        if deadline is not None and time.monotonic() > deadline:
+            client.stop_job(submission_id)
+            raise StageError(f"{stage}: Ray job {submission_id} at {dashboard} did not finish in {timeout_s:.0f}s; stopped")
+        time.sleep(poll_s)
+    logs = client.get_job_logs(submission_id)
+    if status != JobStatus.SUCCEEDED:
+        info = client.get_job_info(submission_id)
+        tail = "\n".join(logs.strip().splitlines()[-20:])
+        raise StageError(f"{stage}: Ray job {submission_id} at {dashboard} {status.value}: {info.message or ''}\n{tail}")
+    for line in reversed(logs.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                result = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(result, dict) and "run_id" in result:
+                return {**result, "ray_job_id": submission_id}
+    raise StageError(f"{stage}: Ray job {submission_id} succeeded but printed no result line")
 
 
 def _known_secrets(cfg: Config, environ: dict[str, str]) -> list[str]:

@@ -22,11 +22,17 @@ CLI = [sys.executable, "-m", "deepcontent.cli"]
 # Small but complete: train two quick epochs so that a model is registered; every embed run
 # goes through Ray Data actors (the in-process path for a handful of clips has its own test).
 SETTINGS = ["synth.songs=60", "synth.users=600", "synth.clip_seconds=5", "synth.audio_format=wav",
-            "synth.gtzan_per_genre=0", "synth.mtat_clips=0", "spark.master=local[2]", "factorize.factors=8",
+            "spark.master=local[2]", "factorize.factors=8",
             "train.epochs=2", "train.batch_size=16", "neighbors.k=5", "evaluate.mlp_epochs=5", "embed.in_process_max_clips=0",
             "evaluate.kmeans_centroids=16", "synth.lastfm_format=both", "synth.dangling_tag_rows=2",
-            "evaluate.methods=[random,bow_linear,bow_mlp,kmeans_linear,cnn_mse,cnn_wpe,raw_cnn,upper_bound]"]
-COLD_START_METHODS = ("random", "bow_linear", "bow_mlp", "kmeans_linear", "cnn_mse", "cnn_wpe", "raw_cnn", "upper_bound")
+            # small GTZAN- and MTAT-layout target sets (two "artists" of two clips per genre), transfer under
+            # both protocols with late fusion, and every CNN variant among the methods
+            "synth.gtzan_per_genre=4", "synth.gtzan_clips_per_artist=2", "synth.mtat_clips=24",
+            "evaluate.transfer_folds=2", "evaluate.late_fusion=true", "transfer.inner_folds=2",
+            "transfer.grouped_folds=2", "transfer.max_logo_groups=4",
+            "evaluate.methods=[random,bow_linear,bow_mlp,kmeans_linear,cnn_mse,cnn_wpe,deep_cnn,raw_cnn,upper_bound]"]
+COLD_START_METHODS = ("random", "bow_linear", "bow_mlp", "kmeans_linear", "cnn_mse", "cnn_wpe", "deep_cnn", "raw_cnn",
+                      "upper_bound")
 
 
 def cli(args, cwd, timeout=900):
@@ -120,6 +126,18 @@ def test_pipeline_ends_with_the_cold_start_evaluation_and_a_report(demo):
         assert all(0.0 <= m[k] <= 1.0 for k in names), (method, m)
     # the upper bound sees the test plays; nothing else may come close to it on this catalog
     assert cold["upper_bound"]["auc"] > max(m["auc"] for k, m in cold.items() if k != "upper_bound")
+    # transfer ran on the generated target sets: every feature set under both protocols, late fusion, MTAT tag AUC
+    transfer = result["evaluate"]["transfer"]
+    gtzan = transfer["gtzan"]
+    assert gtzan["clips_used"] == gtzan["clips_found"] == 40 and gtzan["grouping"]["groups"] == 20
+    features = {"kmeans", *(f"{m}_{part}" for m in ("cnn_mse", "cnn_wpe", "deep_cnn") for part in ("factors", "penultimate"))}
+    for name in features | {f"{n}_hpss_fusion" for n in features}:
+        r = gtzan[name]
+        assert 0.0 <= r["stratified_mean"] <= 1.0 and 0.0 <= r["grouped_accuracy"] <= 1.0, (name, r)
+        assert r["grouped"]["folds"] == 2, (name, r["grouped"])
+    mtat = {name: transfer["mtat"][name]["top50"] for name in features}
+    assert all(np.isnan(r["auc_mean"]) or 0.0 <= r["auc_mean"] <= 1.0 for r in mtat.values()), mtat
+    assert all(r["n_tags_evaluated"] > 0 for r in mtat.values()), mtat  # test parts with both classes of some tag
     report = Path(result["evaluate"]["report"])
     html = report.read_text()
     assert report.parent == workdir / ".deepcontent" / "report" and html.count("<figure") >= 3
