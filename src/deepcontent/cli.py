@@ -229,12 +229,14 @@ def _accuracy_lines(results: dict, *, indent: str = "    ") -> list[str]:
     strat = f"stratified {first['folds']}-fold" if first.get("folds") else "stratified"
     grouped = (f"grouped ({g['protocol'].replace('_', '-')}, {g['folds']} folds)" if g else "grouped")
     width = max(24, *(len(n) + 2 for n in rows))
-    lines = [f"{indent}{'features':<{width}}{strat:>22}  {grouped:>44}  {'1-NN other group':>17}  {'1-NN any':>9}"]
+    lines = [f"{indent}{'features':<{width}}{strat:>22}  {grouped:>44}  {'1-NN other group':>17}  {'1-NN any':>9}"
+             f"  {'retrieval mAP':>13}"]
     for name, r in rows.items():
         st = (f"{fmt(r.get('stratified_mean'))} ± {fmt(r.get('stratified_std'))}"
               if r.get("stratified_mean") is not None else "—")
         lines.append(f"{indent}{name:<{width}}{st:>22}  {fmt(r.get('grouped_accuracy')):>44}  "
-                     f"{fmt(r.get('grouped_1nn_accuracy')):>17}  {fmt(r.get('any_1nn_accuracy')):>9}")
+                     f"{fmt(r.get('grouped_1nn_accuracy')):>17}  {fmt(r.get('any_1nn_accuracy')):>9}"
+                     f"  {fmt(r.get('retrieval_map')):>13}")
     if g is None:
         reason = first.get("grouped_skipped") or "no grouping"
         lines.append(f"{indent}(grouped: {reason})")

@@ -402,6 +402,12 @@ class TrainConfig(_Section):
     variants: tuple[str, ...] = ()
     # Set by the stage on a variant's own config: the name it registers under.
     variant: str | None = None
+    # Start from a pretrained network (`deepcontent pretrain`): a model version, or a variant
+    # name such as "pretrained" (the last pretrain run), in init_registry_root (another catalog's
+    # root on the same store, e.g. the real-audio corpus's) or this catalog's registry. Its
+    # architecture and window must match; its output layer (a projection) is not loaded.
+    init_from: str | None = None
+    init_registry_root: str | None = None
 
     @field_validator("variants")
     @classmethod
@@ -424,6 +430,64 @@ class TrainConfig(_Section):
         if self.loss == "wpe" and self.targets != "plays":
             raise ValueError("train.loss=wpe needs train.targets=plays (WPE weighs errors by the users' plays)")
         return self
+
+
+class PretrainConfig(_Section):
+    """The ``pretrain`` stage: self-supervised pretraining of a backbone on every clip of the
+    catalog, played or not (contrastive: two windows of a track are positives, the other
+    tracks in the batch negatives; InfoNCE). Same data path, Ray Train set-up, checkpoints and
+    registry as ``train``; the model registers under ``models/variants/pretrained.json`` and a
+    train run starts from it with ``train.init_from=pretrained``."""
+
+    # The backbone: a train model whose output layer is the projection head here.
+    model: Literal["paper_cnn", "deep_cnn"] = "paper_cnn"
+    model_params: dict[str, Any] = Field(default_factory=dict)
+    # Must equal train.window_frames for the backbone to initialise train's model.
+    window_frames: int = Field(130, ge=8)
+    projection_dim: int = Field(128, ge=2)
+    temperature: float = Field(0.1, gt=0.0)
+    # Augmentations, each view drawn on its own: random gain (± dB of mel power) and
+    # SpecAugment-style time / frequency masks (this many spans of up to this many frames / bands,
+    # set to silence).
+    gain_db: float = Field(6.0, ge=0.0)
+    time_masks: int = Field(2, ge=0)
+    time_mask_frames: int = Field(20, ge=0)
+    freq_masks: int = Field(2, ge=0)
+    freq_mask_bands: int = Field(16, ge=0)
+    # Tracks held out (by a hash of the track id) to score the objective each epoch.
+    valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    windows_per_clip: int = Field(4, ge=1)
+    batch_size: int = Field(64, ge=2)
+    epochs: int = Field(20, ge=1)
+    patience: int = Field(5, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    seed: int = 0
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    threads_per_worker: int = Field(1, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    cache_bytes: int = Field(4 * 2**30, ge=2)
+    spill_dir: str | None = None
+    max_failures: int = Field(2, ge=-1)
+    checkpoints_to_keep: int = Field(2, ge=1)
+    ingest_cpus: float = Field(0.0, ge=0.0)
+    ingest_concurrency: int = Field(2, ge=1)
+    prefetch_batches: int = Field(2, ge=0)
+    # "module:function" called on every worker after each epoch (fault-injection tests).
+    epoch_hook: str | None = None
+    # What the catalog is, recorded with the model ("debian-game-music", ...); None = its root.
+    corpus: str | None = None
+
+    def train_config(self) -> "TrainConfig":
+        """The loop settings as a TrainConfig (the train loop runs both stages)."""
+        shared = {k: getattr(self, k) for k in (
+            "model", "model_params", "window_frames", "windows_per_clip", "batch_size", "epochs", "patience", "lr",
+            "weight_decay", "gain_db", "seed", "num_workers", "use_gpu", "cpus_per_worker", "threads_per_worker",
+            "precision", "cache_bytes", "spill_dir", "max_failures", "checkpoints_to_keep", "ingest_cpus",
+            "ingest_concurrency", "prefetch_batches", "epoch_hook")}
+        return TrainConfig(**shared, eval_batch_size=self.batch_size)
 
 
 class EmbedConfig(_Section):
@@ -533,8 +597,10 @@ class EvaluateConfig(_Section):
     # without promoting it: cnn_mse / cnn_wpe = the paper CNN with that loss, deep_cnn = the
     # deeper CNN (MSE).
     # raw_cnn = the raw-audio front end + paper CNN (MSE), trained on mono waveforms.
+    # cnn_finetuned = the paper CNN (MSE) started from the pretrained backbone (train.init_from);
+    # pretrained_linear = ridge from that backbone's penultimate layer, the backbone itself frozen.
     methods: tuple[Literal["random", "bow_linear", "bow_mlp", "kmeans_linear", "cnn_mse", "cnn_wpe",
-                           "deep_cnn", "raw_cnn", "upper_bound"], ...] = (
+                           "deep_cnn", "raw_cnn", "cnn_finetuned", "pretrained_linear", "upper_bound"], ...] = (
         "random", "bow_linear", "bow_mlp", "kmeans_linear", "cnn_mse", "cnn_wpe", "upper_bound")
     map_k: int = Field(500, ge=1)
     ndcg_k: int = Field(10, ge=1)
@@ -557,6 +623,11 @@ class EvaluateConfig(_Section):
     tag_methods: tuple[Literal["random", "bow_linear", "kmeans_linear", "cnn_tags", "upper_bound"], ...] = (
         "random", "bow_linear", "kmeans_linear", "cnn_tags", "upper_bound")
     seed: int = 0
+    # The pretrained backbone of cnn_finetuned / pretrained_linear: a version or variant name
+    # ("pretrained": the last `deepcontent pretrain`) in pretrained_registry_root (the catalog it
+    # was pretrained on, e.g. the real-audio corpus) or this catalog's registry.
+    pretrained_model: str = "pretrained"
+    pretrained_registry_root: str | None = None
     # Repeated runs for error bars (`deepcontent evaluate --seeds 3` = [0, 1, 2]): per seed the
     # cold-start WMF, every regressor and every CNN variant are refitted with that seed on the
     # same song split, and the cold-start table reports mean ± sd over seeds. The catalog itself
@@ -637,6 +708,7 @@ class Config(_Section):
     matrices: MatricesConfig = Field(default_factory=MatricesConfig)
     factorize: FactorizeConfig = Field(default_factory=FactorizeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     neighbors: NeighborsConfig = Field(default_factory=NeighborsConfig)
     maintain: MaintainConfig = Field(default_factory=MaintainConfig)

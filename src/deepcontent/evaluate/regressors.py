@@ -31,7 +31,7 @@ from deepcontent.models.baselines import (
 )
 from deepcontent.train.losses import nmse
 
-__all__ = ["FixedFeatures", "SplitArrays"]
+__all__ = ["BackboneFeatures", "FixedFeatures", "SplitArrays"]
 
 
 @dataclass
@@ -121,3 +121,29 @@ class FixedFeatures:
         x_tr, x_va = features.transform(data.train_clips), features.transform(data.valid_clips)
         model, valid_nmse, l2 = select_linear(x_tr, data.y_train, x_va, data.y_valid)
         return data.raw(model.predict(features.transform(data.test_clips))), {"valid_nmse": valid_nmse, "l2": l2}
+
+
+@dataclass
+class BackboneFeatures:
+    """A network's penultimate layer as fixed features (mean over consecutive windows): how a
+    pretrained backbone is scored without fine-tuning (``pretrained_linear``).
+
+    Attributes
+    ----------
+    model : EmbeddingRegressor
+        In eval mode.
+    window_frames : int
+    """
+
+    model: Any
+    window_frames: int
+
+    def transform(self, clips: Sequence[np.ndarray]) -> np.ndarray:
+        """Clips ``(n_mels, n_frames_i)`` -> ``(n, embedding_dim)`` float32."""
+        from deepcontent.embed.pooling import clip_outputs
+
+        dim = self.model.n_factors
+        _, emb = clip_outputs(self.model, clips, n_frames=self.window_frames, target_mean=np.zeros(dim),
+                              target_std=np.ones(dim))
+        return emb
+

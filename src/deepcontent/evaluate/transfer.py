@@ -52,6 +52,7 @@ __all__ = [
     "descriptor_correlations",
     "group_splits",
     "grouped_nested_cv_svm_accuracy",
+    "label_retrieval_map",
     "late_fusion",
     "late_fusion_svm_accuracy",
     "most_frequent_tags",
@@ -87,6 +88,9 @@ PROTOCOL_NOTES: dict[str, str] = {
                             "another group is scored",
     "any_1nn_accuracy": "the same with any other clip as the neighbour (leave-one-out 1-NN): the gap to "
                         "grouped_1nn_accuracy is how much 'similar' meant 'same group'",
+    "retrieval_map": "query by example: for each clip every other clip ranked by cosine similarity (features "
+                     "standardised over all clips); relevant = same label; mean average precision over the clips "
+                     "with a relevant other clip (retrieval_chance: a random ranking's)",
     "kmeans": "spherical K-means (PCA-whitened 4-frame windows, max-pooled activations) fitted, for the SVMs, on "
               "each outer fold's training clips only (the inner loop reuses it); for the 1-NN, on every clip "
               "(unsupervised, no label seen)",
@@ -503,6 +507,54 @@ def cross_group_nn_accuracy(features: np.ndarray, labels: Sequence, groups: Sequ
     }
 
 
+def label_retrieval_map(features: np.ndarray, labels: Sequence, *, block: int = 512) -> dict:
+    """Query-by-example retrieval: for each clip, every other clip ranked by cosine similarity
+    (features standardised over all clips, as for the 1-NN); relevant = same label (the same
+    source package, album, genre). Mean average precision over the clips that have a relevant
+    other clip.
+
+    Parameters
+    ----------
+    features : np.ndarray [shape=(n, d)]
+    labels : sequence [shape=(n,)]
+    block : int
+        Queries per similarity block (memory ``block × n``).
+
+    Returns
+    -------
+    dict
+        ``map``, ``n_queries`` (clips with a relevant other clip) and ``chance`` (the mAP of a
+        random ranking, about the mean share of relevant clips).
+
+    >>> round(label_retrieval_map(np.array([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]]), ["a", "a", "b", "b"])["map"], 3)
+    1.0
+    """
+    F = _check_features(features)
+    y = np.asarray(labels)
+    n = len(y)
+    if n != F.shape[0]:
+        raise ValueError(f"features have {F.shape[0]} rows but labels has {n}")
+    std = F.std(axis=0)
+    Z = (F - F.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    norm = np.linalg.norm(Z, axis=1, keepdims=True)
+    Z = Z / np.where(norm > 0, norm, 1.0)
+    aps, chance = [], []
+    for s in range(0, n, block):
+        rows = np.arange(s, min(n, s + block))
+        sim = Z[rows] @ Z.T
+        sim[np.arange(len(rows)), rows] = -np.inf  # never itself
+        order = np.argsort(-sim, axis=1, kind="stable")[:, :-1]  # itself last, dropped
+        rel = y[order] == y[rows][:, None]
+        hits = rel.sum(axis=1)
+        cum = np.cumsum(rel, axis=1)
+        ranks = np.arange(1, n)
+        for i in np.flatnonzero(hits):
+            aps.append(float((cum[i][rel[i]] / ranks[rel[i]]).mean()))
+            chance.append(hits[i] / (n - 1))
+    return {"map": float(np.mean(aps)) if aps else float("nan"), "n_queries": len(aps),
+            "chance": float(np.mean(chance)) if chance else float("nan")}
+
+
 # -- every protocol for one feature set ---------------------------------------------------------
 
 def _fitted_folds(counts: np.ndarray, folds: int, inner_folds: int) -> tuple[int, int] | None:
@@ -594,7 +646,9 @@ def transfer_protocols(
                                                      max_logo_groups=max_logo_groups, Cs=Cs, seed=seed)
             out.update(grouped=grouped, grouped_accuracy=grouped["accuracy"], grouped_std=grouped["std"])
         out["grouped_1nn_accuracy"] = None if np.isnan(nn["accuracy"]) else nn["accuracy"]
-    out.update(any_1nn_accuracy=nn["any_accuracy"], nearest_neighbour=nn, dim=int(np.shape(X_nn)[1]))
+    retrieval = label_retrieval_map(X_nn, y)
+    out.update(any_1nn_accuracy=nn["any_accuracy"], nearest_neighbour=nn, dim=int(np.shape(X_nn)[1]),
+               retrieval_map=retrieval["map"], retrieval_chance=retrieval["chance"])
     return out
 
 

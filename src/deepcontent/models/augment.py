@@ -18,7 +18,7 @@ from typing import Union
 import numpy as np
 import torch
 
-__all__ = ["apply_gain", "consecutive_windows", "random_gain", "random_windows"]
+__all__ = ["apply_gain", "consecutive_windows", "frequency_mask", "random_gain", "random_windows", "time_mask"]
 
 Array = Union[np.ndarray, torch.Tensor]
 RandomSource = Union[None, int, np.random.Generator, torch.Generator]
@@ -225,3 +225,75 @@ def consecutive_windows(
         return torch.cat([w, mel[None, :, t - n_frames :]]) if tail else w
     w = np.lib.stride_tricks.sliding_window_view(mel, n_frames, axis=1)[:, ::hop].transpose(1, 0, 2)
     return np.concatenate([w, mel[None, :, t - n_frames :]]) if tail else w
+
+
+def _spans(n: int, masks: int, *, size: int, max_width: int, generator: RandomSource) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, widths)`` of shape ``(n, masks)``: widths uniform on ``0..max_width`` (at
+    most ``size``), starts uniform over where that width fits."""
+    u = _uniform(2 * n * masks, generator)
+    u = (u.cpu().numpy() if isinstance(u, torch.Tensor) else u).reshape(2, n, masks)
+    top = min(int(max_width), int(size))
+    widths = np.minimum(np.floor(u[0] * (top + 1)), top).astype(np.int64)
+    starts = np.minimum(np.floor(u[1] * (size - widths + 1)), size - widths).astype(np.int64)
+    return starts, widths
+
+
+def _mask_axis(x: Array, *, axis: int, masks: int, max_width: int, generator: RandomSource) -> Array:
+    if isinstance(masks, bool) or not isinstance(masks, int) or masks < 0:
+        raise ValueError(f"masks must be an integer >= 0, got {masks!r}")
+    if isinstance(max_width, bool) or not isinstance(max_width, int) or max_width < 0:
+        raise ValueError(f"the mask width must be an integer >= 0, got {max_width!r}")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"x must have shape (batch, n_mels, n_frames) or (n_mels, n_frames), got {tuple(x.shape)}")
+    if masks == 0 or max_width == 0:
+        return x
+    batched = x if x.ndim == 3 else x[None]
+    n, size = batched.shape[0], batched.shape[axis]
+    starts, widths = _spans(n, masks, size=size, max_width=max_width, generator=generator)
+    pos = np.arange(size)
+    hit = ((pos[None, None, :] >= starts[:, :, None]) & (pos[None, None, :] < (starts + widths)[:, :, None])).any(1)
+    shape = (n, size, 1) if axis == 1 else (n, 1, size)
+    if isinstance(x, torch.Tensor):
+        keep = torch.as_tensor(~hit.reshape(shape), device=x.device)
+        out = batched * keep.to(batched.dtype)  # masked bins become silence (0 in a log(1 + C·S) log-mel)
+    else:
+        out = np.where(hit.reshape(shape), np.zeros((), dtype=batched.dtype), batched)
+    return out if x.ndim == 3 else out[0]
+
+
+def time_mask(x: Array, *, masks: int, max_frames: int, generator: RandomSource = None) -> Array:
+    """SpecAugment's time masking: ``masks`` spans of up to ``max_frames`` frames per example
+    set to silence (0), each span's width and place drawn uniformly.
+
+    Parameters
+    ----------
+    x : array or tensor [shape=(batch, n_mels, n_frames)] or (n_mels, n_frames)
+    masks : int >= 0
+        Spans per example (0 returns ``x`` unchanged).
+    max_frames : int >= 0
+        Largest span (capped at ``n_frames``).
+    generator : None, int, np.random.Generator or torch.Generator
+
+    Returns
+    -------
+    y : same kind, shape and dtype as ``x``
+    """
+    return _mask_axis(x, axis=2, masks=masks, max_width=max_frames, generator=generator)
+
+
+def frequency_mask(x: Array, *, masks: int, max_bands: int, generator: RandomSource = None) -> Array:
+    """SpecAugment's frequency masking: ``masks`` runs of up to ``max_bands`` mel bands per
+    example set to silence (0); as :func:`time_mask` along the band axis.
+
+    Parameters
+    ----------
+    x : array or tensor [shape=(batch, n_mels, n_frames)] or (n_mels, n_frames)
+    masks : int >= 0
+    max_bands : int >= 0
+    generator : None, int, np.random.Generator or torch.Generator
+
+    Returns
+    -------
+    y : same kind, shape and dtype as ``x``
+    """
+    return _mask_axis(x, axis=1, masks=masks, max_width=max_bands, generator=generator)

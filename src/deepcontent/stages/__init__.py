@@ -72,6 +72,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                                 "(run by the pipeline when a model reads them)"),
     Stage("train", "ray", "Ray Train: CNN from log-mel windows to item factors (DDP, checkpoints, early "
                           "stopping), and its variants -> model registry"),
+    Stage("pretrain", "ray", "Ray Train: self-supervised (contrastive) pretraining of a CNN backbone on every clip, "
+                             "played or not -> registry (train.init_from=pretrained fine-tunes it)", in_pipeline=False),
     Stage("embed", "ray", "Ray Data: registered model over the spectrograms -> Iceberg embeddings "
                           "(incremental, one commit per run)", incremental=True),
     Stage("neighbors", "ray", "top-k cosine neighbours over the embeddings -> Iceberg similar_tracks",

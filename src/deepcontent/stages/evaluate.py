@@ -216,7 +216,29 @@ def _cold_start_method(name: str, cfg: Config, storage: Storage, inp: _Inputs, f
                        regularization=fc.regularization), {}
     if name == "raw_cnn":
         return _raw_cnn(storage, inp, cache)
+    if name == "pretrained_linear":
+        return _pretrained_linear(cfg, storage, inp, cache)
     return _cnn(name, storage, inp, cache)
+
+
+def _pretrained_linear(cfg: Config, storage: Storage, inp: _Inputs, cache: dict) -> tuple[np.ndarray, dict]:
+    """Ridge (penalty chosen on valid) from the pretrained backbone's penultimate layer to the
+    factors; the backbone itself is not trained on this catalog."""
+    from deepcontent.evaluate.regressors import BackboneFeatures
+
+    ec = cfg.evaluate
+    registry = storage.with_root(ec.pretrained_registry_root) if ec.pretrained_registry_root else storage
+    pointer = variant_pointer(registry, ec.pretrained_model)
+    version = pointer["model_version"] if pointer else ec.pretrained_model
+    if registered(registry, version) is None:
+        raise InputMissingError(f"evaluate method 'pretrained_linear' needs the pretrained model "
+                                f"{ec.pretrained_model!r} in {registry.uri('models')}; run `deepcontent pretrain` there "
+                                f"(and set evaluate.pretrained_registry_root to that catalog's root)")
+    model, artifact = load_model(registry, version)
+    features = BackboneFeatures(model, artifact["window_frames"])
+    pred, info = FixedFeatures.linear(features, inp.split)
+    cache.setdefault("backbones", {})["pretrained_linear"] = (model, artifact, version)
+    return pred, {**info, "model_version": version, "pretrained_on": artifact.get("pretrained_on")}
 
 
 # ----------------------------------------------------------------------------- tag source task
@@ -312,6 +334,7 @@ def _transfer_features(cfg: Config, fixed: FixedFeatures, cache: dict, mels: lis
     layer (window averages); each averaged over ``transfer.excerpts_per_track`` excerpts of
     ``transfer.excerpt_seconds`` from the middle of the clip."""
     from deepcontent.embed.pooling import clip_outputs
+    from deepcontent.evaluate.regressors import BackboneFeatures
     from deepcontent.stages.transfer import excerpt_features, excerpt_frames
 
     frames, count = excerpt_frames(cfg, cfg.spectrograms.mel_settings()), cfg.transfer.excerpts_per_track
@@ -319,6 +342,9 @@ def _transfer_features(cfg: Config, fixed: FixedFeatures, cache: dict, mels: lis
     for name, (model, kw, _) in cache.get("cnn_models", {}).items():
         pred, emb = excerpt_features(lambda views: clip_outputs(model, views, **kw), mels, frames=frames, count=count)
         feats[f"{name}_factors"], feats[f"{name}_penultimate"] = pred, emb
+    for name, (model, artifact, _) in cache.get("backbones", {}).items():  # a pretrained backbone alone
+        features = BackboneFeatures(model, artifact["window_frames"])
+        feats["pretrained_penultimate"] = excerpt_features(features.transform, mels, frames=frames, count=count)
     return feats
 
 
@@ -472,16 +498,18 @@ def catalog_seed(cfg: Config) -> int | None:
     return next(iter(seeds)) if len(seeds) == 1 else None
 
 
-def replicate_config(cfg: Config, seed: int) -> Config:
+def replicate_config(cfg: Config, seed: int, *, catalog_root: str | None = None) -> Config:
     """The config of seed ``seed``'s replicate: that seed for the cold-start WMF, every CNN
     variant and every regressor; the listening matrix only (tags and transfer are reported for
-    the catalog itself); a warehouse namespace and report folder of its own."""
+    the catalog itself); a warehouse namespace and report folder of its own. A pretrained
+    backbone is the catalog's (``catalog_root``) unless it comes from another root already."""
     ec = cfg.evaluate
     return cfg.model_copy(update={
         "factorize": cfg.factorize.model_copy(update={"seed": seed, "matrices": ("plays",)}),
         "train": cfg.train.model_copy(update={"seed": seed, "variants": ()}),
         "evaluate": ec.model_copy(update={"seed": seed, "seeds": (), "transfer": False, "tag_prediction": False,
-                                          "report_dir": str(Path(ec.report_dir) / "replicates" / f"seed-{seed}")}),
+                                          "report_dir": str(Path(ec.report_dir) / "replicates" / f"seed-{seed}"),
+                                          "pretrained_registry_root": ec.pretrained_registry_root or catalog_root}),
         "warehouse": cfg.warehouse.model_copy(update={"namespace": f"{cfg.warehouse.namespace}_seed{seed}"}),
     })
 
@@ -496,7 +524,7 @@ def replicate(cfg: Config, ctx: StageContext, seed: int) -> dict:
     from deepcontent.stages.train import train_model
     from deepcontent.train.variants import variant_config
 
-    cfg_s = replicate_config(cfg, seed)
+    cfg_s = replicate_config(cfg, seed, catalog_root=ctx.storage.root)
     root = ctx.storage.uri("replicates", f"seed-{seed}")
     storage_s = ctx.storage.overlay(root, owns=REPLICATE_OWNS)
     log.info("evaluate: seed %d — replicate under %s (WMF, %s and the regressors refitted)", seed, root,

@@ -36,15 +36,17 @@ import pyarrow.compute as pc
 from deepcontent import datasets
 from deepcontent.config import Config
 from deepcontent.datasets import CHECKPOINTS, EXPORTS, ITEM_INDEX, SPECTROGRAMS, TRACKS, USER_INDEX, WAVEFORMS
-from deepcontent.errors import StageError, TrainingDataError
+from deepcontent.errors import InputMissingError, StageError, TrainingDataError
 from deepcontent.manifest import code_version, log
 from deepcontent.registry import (
     ARTIFACT_FORMAT,
     PRODUCTION,
+    load_model,
     model_version,
     point_variant,
     register,
     registered,
+    variant_pointer,
     version_uri,
 )
 from deepcontent.stages.base import StageContext, StageResult, StageRun
@@ -55,7 +57,8 @@ from deepcontent.train.clip_cache import cache_budgets, split_clip_bytes
 from deepcontent.train.data import TrainingData, training_targets
 from deepcontent.train.variants import variant_config
 
-__all__ = ["STAGE", "clip_dataset", "load_training_data", "run", "steps_per_epoch", "train_model"]
+__all__ = ["STAGE", "clip_dataset", "fit_on_ray", "load_training_data", "pretrained_init", "run", "steps_per_epoch",
+           "train_model"]
 
 STAGE = "train"
 
@@ -124,8 +127,16 @@ def _wpe_payload(cfg: Config, storage: Storage, data: TrainingData):
     return conf.T.tocsr(), x
 
 
-def _fit(cfg: Config, storage: Storage, data: TrainingData, backend: Backend, version: str, steps: int):
-    """Run the TorchTrainer; returns Ray Train's :class:`Result`."""
+def fit_on_ray(tc, storage: Storage, data: TrainingData, backend: Backend, *, run_name: str, steps: int,
+               n_outputs: int | None = None, objective: dict | None = None, wpe=None, init_state=None,
+               stage: str = STAGE):
+    """Run the TorchTrainer over ``data``'s clips with the settings of ``tc`` (a TrainConfig);
+    returns Ray Train's :class:`Result`. Checkpoints go to ``<root>/train/ray/<run_name>``.
+
+    ``n_outputs``: the net's output size (default the targets' factors; a projection for the
+    contrastive objective); ``objective``: None for regression, else the
+    :func:`~deepcontent.train.objectives.make_objective` spec; ``wpe``: the WPE payload;
+    ``init_state``: a pretrained net's state dict to start from (its output layer aside)."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -135,31 +146,32 @@ def _fit(cfg: Config, storage: Storage, data: TrainingData, backend: Backend, ve
     from deepcontent.train.clip_data import clip_data_config, clip_datasets
     from deepcontent.train.loop import train_loop_per_worker
 
-    tc = cfg.train
     need = tc.num_workers * tc.cpus_per_worker
     have = ray.cluster_resources().get("CPU", 0.0)
     if have < need:  # Ray Train would wait for them silently (or for an autoscaler to add them)
-        log.warning("train: %d workers × %g CPUs need %g CPUs but the Ray cluster has %g now; training starts "
-                    "when they are available (lower train.num_workers or train.cpus_per_worker)", tc.num_workers,
-                    tc.cpus_per_worker, need, have)
+        log.warning("%s: %d workers × %g CPUs need %g CPUs but the Ray cluster has %g now; training starts "
+                    "when they are available (lower %s.num_workers or %s.cpus_per_worker)", stage, tc.num_workers,
+                    tc.cpus_per_worker, need, have, stage, stage)
     # Progress bars are noise in job logs; the stage logs its own progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
     fs, path = storage.filesystem(storage.uri(CHECKPOINTS))
+    n_outputs = n_outputs or data.n_factors
     clip_bytes = {split: split_clip_bytes(table["n_frames"], n_mels=data.n_mels, n_factors=data.n_factors,
                                           min_frames=tc.window_frames) for split, table in (("train", data.train),
                                                                                            ("valid", data.valid))}
     budgets = cache_budgets(tc.cache_bytes, train_bytes=clip_bytes["train"], valid_bytes=clip_bytes["valid"])
     per_worker = {k: v / tc.num_workers for k, v in clip_bytes.items()}
-    log.info("train: clips ≈ %s train + %s valid per worker; train.cache_bytes %s gives %s / %s: %s", _gib(per_worker["train"]),
-             _gib(per_worker["valid"]), _gib(tc.cache_bytes), _gib(budgets["train"]), _gib(budgets["valid"]),
-             "resident" if all(per_worker[k] <= budgets[k] for k in budgets)
+    log.info("%s: clips ≈ %s train + %s valid per worker; cache_bytes %s gives %s / %s: %s", stage,
+             _gib(per_worker["train"]), _gib(per_worker["valid"]), _gib(tc.cache_bytes), _gib(budgets["train"]),
+             _gib(budgets["valid"]), "resident" if all(per_worker[k] <= budgets[k] for k in budgets)
              else f"beyond it, spilled to {tc.spill_dir or 'the temp dir'} and streamed each epoch")
     loop_config = {
-        "cache": budgets,
-        "train": tc.model_dump(mode="python"), "backend": backend, "n_factors": data.n_factors, "n_mels": data.n_mels,
-        "steps_per_epoch": steps, "valid_variance": data.valid_variance,
+        "cache": budgets, "objective": objective,
+        "train": tc.model_dump(mode="python"), "backend": backend, "n_factors": n_outputs, "n_targets": data.n_factors,
+        "n_mels": data.n_mels, "steps_per_epoch": steps, "valid_variance": data.valid_variance,
         "target_mean": data.target_mean.tolist(), "target_std": data.target_std.tolist(),
-        "wpe": ray.put(_wpe_payload(cfg, storage, data)) if tc.loss == "wpe" else None,
+        "wpe": ray.put(wpe) if wpe is not None else None,
+        "init_state": ray.put(init_state) if init_state is not None else None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -168,7 +180,7 @@ def _fit(cfg: Config, storage: Storage, data: TrainingData, backend: Backend, ve
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=backend.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(
-            name=version, storage_path=path, storage_filesystem=checkpoint_filesystem(fs),
+            name=run_name, storage_path=path, storage_filesystem=checkpoint_filesystem(fs),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
         ),
@@ -177,6 +189,41 @@ def _fit(cfg: Config, storage: Storage, data: TrainingData, backend: Backend, ve
         dataset_config=clip_data_config(),
     )
     return trainer.fit()
+
+
+def pretrained_init(cfg: Config, storage: Storage, *, n_mels: int) -> tuple[str, dict, dict] | None:
+    """``(version, backbone state dict, what it was pretrained on)`` of ``train.init_from``
+    (a version, or a variant name such as ``pretrained``, in ``train.init_registry_root`` or
+    this catalog's registry), checked to fit the configured model; None without it.
+
+    Raises
+    ------
+    InputMissingError
+        If the model is not registered.
+    ValueError
+        If its architecture, parameters, band count or window differ from the train config's
+        (its output layer aside: a projection there, the factors here).
+    """
+    from deepcontent.train.loop import model_kwargs
+
+    tc = cfg.train
+    if not tc.init_from:
+        return None
+    registry = storage.with_root(tc.init_registry_root) if tc.init_registry_root else storage
+    pointer = variant_pointer(registry, tc.init_from)
+    version = pointer["model_version"] if pointer else tc.init_from
+    if registered(registry, version) is None:
+        raise InputMissingError(f"train.init_from={tc.init_from!r}: no such model version or variant in "
+                                f"{registry.uri('models')}; run `deepcontent pretrain` there first")
+    _, artifact = load_model(registry, version)
+    want = {"model": tc.model, "model_params": model_kwargs(tc, n_mels=n_mels), "n_mels": n_mels,
+            "window_frames": tc.window_frames}
+    have = {k: artifact.get(k) for k in want}
+    if have != want:
+        diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+        raise ValueError(f"train.init_from={tc.init_from!r} ({version}) does not fit train's model: "
+                         f"{', '.join(f'{k} is {a!r} there, {b!r} here' for k, (a, b) in diff.items())}")
+    return version, artifact["state_dict"], artifact.get("pretrained_on") or {}
 
 
 def _gib(n: float) -> str:
@@ -243,6 +290,9 @@ def train_model(cfg: Config, ctx: StageContext, *, promote: bool = True) -> Stag
     storage, tc = ctx.storage, cfg.train
     backend = resolve_backend(tc)
     data = load_training_data(storage, features=clip_dataset(tc), matrix=tc.targets)
+    init = pretrained_init(cfg, storage, n_mels=data.n_mels)
+    if init:  # the backbone is an input: its version names the model, as the data's run ids do
+        data.inputs["pretrained_model"] = init[0]
     code = code_version()
     version = model_version(cfg, inputs=data.inputs, code=code)
     outputs = {"model": version_uri(storage, version, "model.pt"), "metadata": version_uri(storage, version, "model.json"),
@@ -274,7 +324,9 @@ def train_model(cfg: Config, ctx: StageContext, *, promote: bool = True) -> Stag
         ctx.ensure_ray()
         with run.timed("fit"):
             try:
-                result = _fit(cfg, storage, data, backend, version, steps)
+                result = fit_on_ray(tc, storage, data, backend, run_name=version, steps=steps,
+                                    wpe=_wpe_payload(cfg, storage, data) if tc.loss == "wpe" else None,
+                                    init_state=init[1] if init else None)
             except Exception as exc:
                 raise StageError(f"train: run {run.run_id} (model {version}) failed: {type(exc).__name__}: {exc}; "
                                  f"checkpoints and worker errors under {outputs['checkpoints']}") from exc
@@ -285,8 +337,11 @@ def train_model(cfg: Config, ctx: StageContext, *, promote: bool = True) -> Stag
             if state["best_state"] is None:
                 raise StageError(f"train: run {run.run_id} never produced a finite validation NMSE; curve {history}")
             metrics = _metrics(state, tc, baseline)
-            register(storage, version=version, artifact=_artifact(cfg, data, version, state["best_state"]),
-                     metadata=_metadata(run, metrics, history, data, code, baseline, outputs),
+            pretrained = {"model_version": init[0], "pretrained_on": init[2]} if init else None
+            artifact = {**_artifact(cfg, data, version, state["best_state"]), "pretrained_from": pretrained}
+            register(storage, version=version, artifact=artifact,
+                     metadata={**_metadata(run, metrics, history, data, code, baseline, outputs),
+                               "pretrained_from": pretrained},
                      promote=promote and _listening(tc), variant=tc.variant)
             if promote and not _listening(tc):
                 log.info("train: %s reads %s and predicts %s factors; registered without becoming the production model",
@@ -306,7 +361,7 @@ def _listening(tc) -> bool:
 def _metrics(state: dict, tc, baseline: dict | None) -> dict[str, Any]:
     history = state["history"]
     metrics = {
-        "valid_nmse": state["best_nmse"], "best_epoch": state["best_epoch"], "epochs_run": len(history),
+        "valid_nmse": state["best_score"], "best_epoch": state["best_epoch"], "epochs_run": len(history),
         "stopped_early": len(history) < tc.epochs, "final_train_loss": history[-1]["train_loss"],
         "attempts": max(h["attempt"] for h in history) + 1,
         "train_samples_per_s": float(np.median([h["samples_per_s"] for h in history])),

@@ -14,7 +14,9 @@ back to one row per track. Feature sets (``transfer.features``):
 
 ``<model>_factors`` / ``<model>_penultimate``
     every registered listening model's predicted factors and penultimate layer (window
-    averages): ``transfer.model`` = ``all`` (production and every variant trained on plays),
+    averages), and a pretrained backbone's penultimate layer (``deepcontent pretrain``; its
+    outputs are a projection, not factors): ``transfer.model`` = ``all`` (production and every
+    variant trained on plays, and the pretrained backbone),
     ``production``, a variant name, a model version, or ``none``;
 ``kmeans``
     spherical K-means (ISMIR 2014 §3.3) fitted on the **training folds only** of each outer fold
@@ -296,7 +298,7 @@ def resolve_models(cfg: Config, storage: Storage) -> tuple[list[_Model], dict[st
             left_out[name] = str(exc)[:300]
             continue
         targets = m.artifact.get("targets", "plays")
-        if targets != "plays" and choice == "all":
+        if targets not in ("plays", "contrastive") and choice == "all":
             left_out[name] = f"trained on {targets} targets, not listening data"
             continue
         seen[version] = name
@@ -342,7 +344,9 @@ def feature_sets(cfg: Config, folder: TargetFolder, models: list[_Model]) -> dic
             lambda views: clip_outputs(m.network, views, n_frames=a["window_frames"], target_mean=a["target_mean"],
                                        target_std=a["target_std"]),
             clips, frames=excerpt_frames(cfg, m.settings), count=count)
-        out[f"{m.name}_factors"], out[f"{m.name}_penultimate"] = (pred, None), (emb, None)
+        if m.artifact.get("targets") != "contrastive":  # a pretrained backbone's outputs are a projection, not factors
+            out[f"{m.name}_factors"] = (pred, None)
+        out[f"{m.name}_penultimate"] = (emb, None)
         log.info("%s: features of model %s (%s) in %.1fs", STAGE, m.name, m.version, time.perf_counter() - t0)
     if "kmeans" in tc.features:
         fold = _kmeans_fold_features(cfg, mels, frames=frames, count=count)

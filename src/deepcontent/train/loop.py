@@ -37,10 +37,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from deepcontent.config import TrainConfig
-from deepcontent.models import MODELS, build_model, consecutive_windows, random_gain
-from deepcontent.train.losses import gram_matrix, item_plays, mse_loss, wpe_loss
+from deepcontent.models import MODELS, build_model, consecutive_windows
+from deepcontent.train.objectives import make_objective
 
-__all__ = ["build_regressor", "model_kwargs", "predict_clips", "train_loop_per_worker"]
+__all__ = ["build_regressor", "load_backbone", "model_kwargs", "predict_clips", "train_loop_per_worker"]
 
 CHECKPOINT_FILE = "state.pt"
 #: Spill directories are named ``<prefix><pid>-<random>`` (see :func:`_sweep_dead_spills`).
@@ -59,6 +59,25 @@ def model_kwargs(cfg: TrainConfig, *, n_mels: int) -> dict[str, Any]:
     if "n_samples" in accepted:  # the raw-audio net: a window of window_frames samples
         params.setdefault("n_samples", cfg.window_frames)
     return params
+
+
+def load_backbone(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Initialise ``model`` with a pretrained network's weights, every layer but the output
+    (a projection in pretraining, the factors here: its size differs and its job too).
+
+    Raises
+    ------
+    ValueError
+        If any other weight is missing or does not fit (another architecture).
+    """
+    backbone = {k: v for k, v in state.items() if not k.startswith("output.")}
+    try:
+        missing, unexpected = model.load_state_dict(backbone, strict=False)
+    except RuntimeError as exc:  # a shape mismatch
+        raise ValueError(f"the pretrained weights do not fit this model: {exc}") from None
+    missing = [k for k in missing if not k.startswith("output.")]
+    if missing or unexpected:
+        raise ValueError(f"the pretrained weights do not fit this model: missing {missing}, unexpected {unexpected}")
 
 
 def build_regressor(name: str, *, n_factors: int, params: dict[str, Any]) -> torch.nn.Module:
@@ -141,24 +160,6 @@ def _epoch_order(n_clips: int, n_needed: int, generator: torch.Generator, device
     return torch.cat(perms)[:n_needed]
 
 
-class _WPE:
-    """The WPE objective's fixed data on one worker: ``c_ui`` of the train songs' plays
-    (items × users CSR), the user factors and their Gram matrix; predictions are
-    un-standardised first, because WMF scores are ``x_u · y_i`` in raw factor units."""
-
-    def __init__(self, payload, *, mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> None:
-        item_users, user_factors = payload
-        self.item_users = item_users
-        self.users = torch.as_tensor(user_factors, dtype=torch.float32, device=device)
-        self.gram = gram_matrix(self.users)
-        self.mean, self.std = mean.to(device), std.to(device)
-
-    def __call__(self, pred: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        users, conf = item_plays(self.item_users, items.cpu().numpy())
-        raw = pred * self.std + self.mean
-        return wpe_loss(raw, user_factors=self.users, gram=self.gram, play_users=users, play_confidence=conf)
-
-
 def _load_state(checkpoint) -> dict | None:
     if checkpoint is None:
         return None
@@ -186,7 +187,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    n_factors, n_mels = config["n_factors"], config["n_mels"]
+    n_factors, n_mels = config["n_factors"], config["n_mels"]  # the net's outputs, the clips' bands
+    n_targets = config.get("n_targets", n_factors)  # the width of each clip's target
     steps, batch = config["steps_per_epoch"], cfg.batch_size
     hook = _resolve_hook(cfg.epoch_hook)
 
@@ -194,7 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
     attempt = 0 if state is None else state["attempt"] + 1
     start_epoch = 0 if state is None else state["epoch"] + 1
     history: list[dict] = [] if state is None else list(state["history"])
-    best_nmse = float("inf") if state is None else state["best_nmse"]
+    best_score = float("inf") if state is None else state["best_score"]
     best_epoch = -1 if state is None else state["best_epoch"]
     best_state = None if state is None else state["best_state"]
     bad_epochs = 0 if state is None else state["bad_epochs"]
@@ -205,6 +207,8 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_regressor(cfg.model, n_factors=n_factors, params=model_kwargs(cfg, n_mels=n_mels))
     if state is not None:
         model.load_state_dict(state["model"])
+    elif config.get("init_state") is not None:  # a fresh run from a pretrained network
+        load_backbone(model, ray.get(config["init_state"]))
     # to the device, DDP when world > 1; gradients live in the all-reduce buckets (one copy fewer)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
     # DDP wraps the net; validation and checkpoints use the bare module (no collectives)
@@ -218,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
     clips: dict = {}
     try:
         t0 = time.perf_counter()
-        clips = _load_shards(config["cache"], cfg=cfg, spill_dir=spill_dir, n_factors=n_factors, n_mels=n_mels,
+        clips = _load_shards(config["cache"], cfg=cfg, spill_dir=spill_dir, n_factors=n_targets, n_mels=n_mels,
                              device=device, backend=backend)
         train_clips, valid_clips = clips["train"], clips["valid"]
         load_s = time.perf_counter() - t0
@@ -227,11 +231,7 @@ def train_loop_per_worker(config: dict) -> None:
                                f"use fewer train.num_workers (now {world}) or more train songs")
         cache = {"train": train_clips.mode, "valid": valid_clips.mode, "budget_bytes": cfg.cache_bytes,
                  "clip_bytes_held": train_clips.held_bytes + valid_clips.held_bytes}
-        mean = torch.as_tensor(config["target_mean"], dtype=torch.float32)
-        std = torch.as_tensor(config["target_std"], dtype=torch.float32)
-        wpe = None
-        if cfg.loss == "wpe":
-            wpe = _WPE(ray.get(config["wpe"]), mean=mean, std=std, device=device)
+        objective = make_objective(cfg, config, device=device, autocast=lambda: backend.autocast(device))
 
         for epoch in range(start_epoch, cfg.epochs):
             gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, epoch, rank))
@@ -243,14 +243,7 @@ def train_loop_per_worker(config: dict) -> None:
             for bank, fill_steps in train_clips.epoch_fills(steps=steps, seed=_seed(cfg.seed + 1, epoch, rank)):
                 order = _epoch_order(len(bank), fill_steps * batch, gen, device)
                 for step in range(fill_steps):
-                    idx = order[step * batch : (step + 1) * batch]
-                    x = bank.random_windows(idx, n_frames=cfg.window_frames, generator=gen)
-                    if cfg.gain_db > 0:
-                        x = random_gain(x, max_db=cfg.gain_db, generator=gen)
-                    with backend.autocast(device):
-                        pred = model(x)
-                    pred = pred.float()
-                    loss = wpe(pred, bank.items[idx.cpu()]) if wpe is not None else mse_loss(pred, bank.targets[idx])
+                    loss = objective.loss(model, bank, order[step * batch : (step + 1) * batch], gen)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -258,15 +251,14 @@ def train_loop_per_worker(config: dict) -> None:
             train_s = time.perf_counter() - t_epoch
 
             base.eval()
-            sse, n_values = _valid_sse(base, valid_clips, n_frames=cfg.window_frames, batch_size=cfg.eval_batch_size,
-                                       autocast=lambda: backend.autocast(device))
-            loss_total, sse, n_values = _all_reduce_sum([float(loss_sum), sse, float(n_values)], device)
+            loss_total, *sums = _all_reduce_sum([float(loss_sum), *objective.validate(base, valid_clips)], device)
             peak_rss = _all_reduce_max(_peak_rss_bytes(), device)
             train_loss = loss_total / (steps * world)
-            valid_nmse = (sse / n_values) / config["valid_variance"] if n_values else float("nan")
+            valid = objective.summary(sums)
+            score = valid[objective.metric]  # what early stopping follows (lower is better)
 
-            if valid_nmse < best_nmse:
-                best_nmse, best_epoch, bad_epochs = valid_nmse, epoch, 0
+            if score < best_score:
+                best_score, best_epoch, bad_epochs = score, epoch, 0
                 best_state = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
             else:
                 bad_epochs += 1
@@ -274,7 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
             epoch_s = time.perf_counter() - t_epoch
             samples = steps * batch * world
             entry = {
-                "epoch": epoch, "train_loss": train_loss, "valid_nmse": valid_nmse, "best_valid_nmse": best_nmse,
+                "epoch": epoch, "train_loss": train_loss, **valid, f"best_{objective.metric}": best_score,
                 "best_epoch": best_epoch, "attempt": attempt, "attempt_start_epoch": start_epoch, "samples": samples,
                 "train_s": round(train_s, 4), "epoch_s": round(epoch_s, 4),
                 "samples_per_s": samples / train_s if train_s > 0 else float("nan"),
@@ -286,7 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = {**entry, "stopped": stopped}
             if rank == 0:
                 saved = {"epoch": epoch, "attempt": attempt, "model": base.state_dict(), "optimizer": opt.state_dict(),
-                         "best_state": best_state, "best_nmse": best_nmse, "best_epoch": best_epoch,
+                         "best_state": best_state, "best_score": best_score, "best_epoch": best_epoch,
                          "bad_epochs": bad_epochs, "history": copy.deepcopy(history), "stopped": stopped}
                 with tempfile.TemporaryDirectory() as d:
                     torch.save(saved, os.path.join(d, CHECKPOINT_FILE))
@@ -326,27 +318,6 @@ def _load_shards(budgets: dict[str, int], *, cfg: TrainConfig, spill_dir: str, n
         valid_future = pool.submit(load, valid_shard, "valid")
         train = load(train_shard, "train")
         return {"train": train, "valid": valid_future.result()}
-
-
-def _valid_sse(model: torch.nn.Module, clips, *, n_frames: int, batch_size: int, autocast) -> tuple[float, int]:
-    """Sum of squared errors of clip-level predictions over every valid clip, and how many
-    values it sums. Clips are scored a few at a time (about ``batch_size`` windows), so the
-    windows of a whole shard are never materialised at once."""
-    sse, n_values = 0.0, 0
-    for bank in clips.banks():
-        windows = ((bank.lengths - n_frames).clamp(min=0) // n_frames + 2).tolist()  # an upper bound per clip
-        start = 0
-        while start < len(bank):
-            stop, total = start, 0
-            while stop < len(bank) and (stop == start or total + windows[stop] <= batch_size):
-                total += windows[stop]
-                stop += 1
-            preds = predict_clips(model, [bank.clip(i) for i in range(start, stop)], n_frames=n_frames,
-                                  batch_size=batch_size, autocast=autocast)
-            sse += float(((preds - bank.targets[start:stop]) ** 2).sum())
-            n_values += preds.numel()
-            start = stop
-    return sse, n_values
 
 
 def _sweep_dead_spills(root: str) -> None:

@@ -27,6 +27,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the raw-audio front end + paper CNN (thesis ch. 5), trained with MSE on mono waveforms
     "raw_cnn": {"model": "raw_audio", "input": "waveform", "targets": "plays", "loss": "mse", "gain_db": 0.0,
                 "baseline": False},
+    # the paper CNN (MSE) started from the pretrained backbone of evaluate.pretrained_model
+    "cnn_finetuned": {"model": "paper_cnn", "loss": "mse", **_LISTENING},
     # the paper CNN regressing the tag-WMF song factors (the ISMIR 2014 tag source task)
     "cnn_tags": {"model": "paper_cnn", "loss": "mse", "input": "log_mel", "targets": "tags"},
 }
@@ -47,6 +49,8 @@ def variant_config(cfg: Config, name: str) -> Config:
     if name not in VARIANTS:
         raise ValueError(f"unknown model variant {name!r}; known variants: {', '.join(VARIANTS)}")
     settings = dict(VARIANTS[name])
+    if name == "cnn_finetuned":
+        settings.update(init_from=cfg.evaluate.pretrained_model, init_registry_root=cfg.evaluate.pretrained_registry_root)
     if name == "raw_cnn":
         hop = cfg.spectrograms.hop_length
         frames = cfg.train.window_frames if cfg.train.input == "log_mel" else TrainConfig().window_frames

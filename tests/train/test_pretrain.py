@@ -1,0 +1,131 @@
+"""Self-supervised pretraining: the contrastive objective and its augmentations as pure
+functions, the held-out split, loading a backbone into a train model, and the pretrain stage on
+Ray Train end to end (registers, resumes after a killed worker, re-runs as nothing to do) with a
+train run fine-tuned from it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepcontent.errors import TrainingDataError
+from deepcontent.models import build_model
+from deepcontent.models.augment import frequency_mask, time_mask
+from deepcontent.stages.pretrain import pretraining_clips
+from deepcontent.train.loop import load_backbone
+from deepcontent.train.objectives import info_nce
+
+
+def _brute_info_nce(z1, z2, t):
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = len(z1)
+    total = 0.0
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        logits = [float(z[i] @ z[k]) / t for k in range(2 * n) if k != i]
+        pos = float(z[i] @ z[j]) / t
+        total += -(pos - math.log(sum(math.exp(v) for v in logits)))
+    return total / (2 * n)
+
+
+def test_info_nce_is_the_mean_cross_entropy_of_finding_the_other_view():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    loss, correct = info_nce(z1, z2, temperature=0.5)
+    assert float(loss) == pytest.approx(_brute_info_nce(z1, z2, 0.5), rel=1e-5)
+    # identical views of well-separated clips: every positive ranks first, and the loss is small
+    same = torch.eye(6) * 10
+    loss, correct = info_nce(same, same, temperature=0.1)
+    assert int(correct) == 12 and float(loss) < 1e-3
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        info_nce(torch.ones(1, 3), torch.ones(1, 3), temperature=0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        info_nce(z1, z2, temperature=0.0)
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_masks_silence_bounded_spans_and_keep_shape_and_dtype(kind):
+    x = np.ones((4, 16, 50), np.float16)
+    x = torch.from_numpy(x) if kind == "torch" else x
+    gen = torch.Generator().manual_seed(1) if kind == "torch" else np.random.default_rng(1)
+    y = time_mask(x, masks=2, max_frames=6, generator=gen)
+    assert type(y) is type(x) and y.shape == x.shape and y.dtype == x.dtype
+    cols = np.asarray(y[:, 0, :] == 0)
+    assert cols.sum(axis=1).max() <= 12 and cols.any()  # at most two spans of 6 frames, some drawn
+    assert (np.asarray(y == 0).all(axis=1) == cols).all()  # a masked frame is silent in every band
+    z = frequency_mask(x, masks=1, max_bands=3, generator=gen)
+    rows = np.asarray(z[:, :, 0] == 0)
+    assert rows.sum(axis=1).max() <= 3 and (np.asarray(z == 0).all(axis=2) == rows).all()
+    assert time_mask(x, masks=0, max_frames=6) is x
+    with pytest.raises(ValueError, match="masks"):
+        time_mask(x, masks=-1, max_frames=3)
+
+
+def test_the_held_out_tracks_are_a_stable_share_of_every_clip():
+    ids = [f"TR{i:06d}" for i in range(2000)]
+    clips = pa.table({"track_id": ids, "n_mels": pa.array([128] * 2000, pa.int32()),
+                      "n_frames": pa.array([400] * 2000, pa.int32())})
+    out = pretraining_clips(clips, valid_fraction=0.1, seed=0)
+    held = set(out["valid"]["track_id"].to_pylist())
+    assert out["train"].num_rows + out["valid"].num_rows == 2000 and 150 < len(held) < 250
+    assert not held & set(out["train"]["track_id"].to_pylist())
+    grown = pa.concat_tables([clips, pa.table({"track_id": ["TRNEW"], "n_mels": pa.array([128], pa.int32()),
+                                               "n_frames": pa.array([9], pa.int32())})])
+    assert held <= set(pretraining_clips(grown, valid_fraction=0.1, seed=0)["valid"]["track_id"].to_pylist())
+    assert set(out["train"]["item_idx"].to_pylist()) == {-1}
+    with pytest.raises(TrainingDataError, match="mix n_mels"):
+        pretraining_clips(pa.table({"track_id": ["a", "b"], "n_mels": pa.array([1, 2], pa.int32()),
+                                    "n_frames": pa.array([5, 5], pa.int32())}), valid_fraction=0.5, seed=0)
+    with pytest.raises(TrainingDataError, match="at least 2 clips"):
+        pretraining_clips(clips.slice(0, 3), valid_fraction=0.1, seed=0)
+
+
+def test_a_backbone_loads_into_a_train_model_except_its_output_layer():
+    torch.manual_seed(0)
+    pre = build_model("paper_cnn", n_factors=32, n_mels=16, n_frames=60)
+    model = build_model("paper_cnn", n_factors=5, n_mels=16, n_frames=60)
+    out_before = model.output.weight.clone()
+    load_backbone(model, pre.state_dict())
+    for (k, a), (_, b) in zip(model.state_dict().items(), pre.state_dict().items()):
+        if not k.startswith("output."):
+            assert torch.equal(a, b), k
+    assert torch.equal(model.output.weight, out_before)  # the projection is not the factors' layer
+    with pytest.raises(ValueError, match="do not fit"):
+        load_backbone(build_model("deep_cnn", n_factors=5, n_mels=16), pre.state_dict())
+
+
+def test_pretrain_registers_resumes_after_a_killed_worker_and_initialises_train(catalog, ray_local):
+    from deepcontent.registry import load_model, registered, variant_pointer
+    from support import run_stage
+
+    base_cfg, storage = catalog
+    cfg = base_cfg.model_copy(deep=True)
+    for k, v in {"num_workers": 2, "batch_size": 32, "epochs": 4, "patience": 10, "windows_per_clip": 2,
+                 "projection_dim": 32, "max_failures": 2, "epoch_hook": "train_faults:kill_worker_once"}.items():
+        setattr(cfg.pretrain, k, v)
+    result = run_stage("pretrain", cfg, storage)
+    assert result.published and result.model_version.startswith("pretrain-paper_cnn-")
+    meta = registered(storage, result.model_version)
+    curve = meta["curve"]
+    assert [h["epoch"] for h in curve] == list(range(4)) and meta["metrics"]["attempts"] == 2  # resumed
+    assert all(math.isfinite(h["valid_loss"]) and 0.0 <= h["valid_top1"] <= 1.0 for h in curve)
+    # InfoNCE over batches of 32 pairs starts near log(63); training must bring it down
+    assert curve[-1]["valid_loss"] < math.log(63) and meta["metrics"]["valid_top1"] > 2 / 64
+    assert variant_pointer(storage, "pretrained")["model_version"] == result.model_version
+    model, artifact = load_model(storage, result.model_version)
+    assert artifact["targets"] == "contrastive" and artifact["pretrained_on"]["clips"] == meta["counts"]["clips"]
+    assert not run_stage("pretrain", cfg, storage).published  # registered: nothing trains again
+
+    tcfg = base_cfg.model_copy(deep=True)
+    for k, v in {"num_workers": 2, "batch_size": 32, "epochs": 2, "windows_per_clip": 1,
+                 "init_from": "pretrained"}.items():
+        setattr(tcfg.train, k, v)
+    tuned = run_stage("train", tcfg, storage)
+    tmeta = registered(storage, tuned.model_version)
+    assert tmeta["pretrained_from"]["model_version"] == result.model_version
+    assert tmeta["inputs"]["pretrained_model"] == result.model_version and math.isfinite(tuned.metrics["valid_nmse"])
