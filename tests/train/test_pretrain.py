@@ -129,3 +129,32 @@ def test_pretrain_registers_resumes_after_a_killed_worker_and_initialises_train(
     tmeta = registered(storage, tuned.model_version)
     assert tmeta["pretrained_from"]["model_version"] == result.model_version
     assert tmeta["inputs"]["pretrained_model"] == result.model_version and math.isfinite(tuned.metrics["valid_nmse"])
+
+
+def test_same_label_retrieval_map_by_hand_and_against_chance():
+    from deepcontent.evaluate.transfer import label_retrieval_map
+
+    # query 0 ranks 1 (same), 2 (other), 3 (same): AP = (1/1 + 2/3) / 2; by symmetry of this layout
+    # every query of the 1-D line below has its own hand-worked AP
+    x = np.array([[0.0], [1.0], [2.0], [3.0]])
+    r = label_retrieval_map(x, ["a", "a", "b", "b"])
+    assert r["n_queries"] == 4 and 0 < r["map"] <= 1
+    clusters = np.repeat(np.eye(4), 25, axis=0) + 0.01 * np.random.default_rng(0).standard_normal((100, 4))
+    assert label_retrieval_map(clusters, np.repeat(list("abcd"), 25))["map"] == pytest.approx(1.0)
+    noise = np.random.default_rng(1).standard_normal((400, 6))
+    r = label_retrieval_map(noise, np.repeat(list("abcd"), 100))
+    assert abs(r["map"] - r["chance"]) < 0.05 and r["chance"] == pytest.approx(99 / 399)
+    single = label_retrieval_map(np.eye(3), ["a", "b", "c"])  # nobody has a relevant other clip
+    assert single["n_queries"] == 0 and math.isnan(single["map"])
+
+
+def test_the_finetuned_variant_starts_from_the_evaluations_pretrained_model():
+    from deepcontent.config import load_config
+    from deepcontent.train.variants import variant_config
+
+    cfg = load_config(None, environ={}, overrides=["evaluate.pretrained_model=pretrain-paper_cnn-abc",
+                                                   "evaluate.pretrained_registry_root=s3://corpus/root"])
+    v = variant_config(cfg, "cnn_finetuned").train
+    assert (v.init_from, v.init_registry_root, v.model, v.loss, v.variant) == (
+        "pretrain-paper_cnn-abc", "s3://corpus/root", "paper_cnn", "mse", "cnn_finetuned")
+    assert variant_config(cfg, "cnn_mse").train.init_from is None
