@@ -8,21 +8,27 @@ any number of ``key.path=value`` overrides, e.g.::
     deepcontent ingest --config conf/cluster.yaml spark.master=spark://head:7077
 
 ``deepcontent submit STAGE --config FILE`` runs a stage on a cluster instead (spark-submit or
-``ray job submit``; see :mod:`deepcontent.submit`).
+``ray job submit``; see :mod:`deepcontent.submit`); ``deepcontent config show`` prints the
+resolved config, secrets masked; ``deepcontent --version`` the package and code versions.
+
+Console options, before or after the command: ``-v`` / ``--verbose`` (DEBUG lines, a failure's
+full traceback, Spark's and Ray's own output as they print it), ``-q`` / ``--quiet`` (warnings
+and errors only, no progress bars), ``--log-format json`` (one JSON object per log line, for
+pods). What each shows is :mod:`deepcontent.console`'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from typing import Callable
 
+from deepcontent import console
 from deepcontent.code_identity import check_submitted_code
 from deepcontent.config import Config, ConfigError, load_config
 from deepcontent.errors import SubmitError
-from deepcontent.manifest import log, setup_logging
+from deepcontent.manifest import log
 from deepcontent.redact import RedactingArgumentParser, redact, redact_text
 from deepcontent.stages import PIPELINE, STAGES
 
@@ -316,6 +322,51 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
 }
 COMMANDS["transfer"] = (_cmd_transfer, STAGES["transfer"].summary)
 SUBMIT_HELP = "run one stage on a cluster: spark-submit or `ray job submit` (see deepcontent submit --help)"
+CONFIG_HELP = "config show: print the resolved config (base.yaml, the file, environment, overrides) as YAML, secrets masked"
+
+
+def version_text() -> str:
+    """``deepcontent <version> (code <git version>; sources <fingerprint>)``: the installed
+    package's version, the checkout's commit when there is one, the sources' fingerprint (what
+    ``deepcontent submit`` ships and checks, :mod:`deepcontent.code_identity`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from deepcontent import __version__
+    from deepcontent.code_identity import fingerprint
+    from deepcontent.manifest import code_version
+
+    try:
+        installed = version("deepcontent")
+    except PackageNotFoundError:
+        installed = __version__
+    return f"deepcontent {installed} (code {code_version()}; sources {fingerprint()})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, worked out only when asked (it runs git)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
+def _console_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """-v / -q / --log-format, on the main parser and again on every command (where they do not
+    reset what was given before the command)."""
+    def default(value):  # a command's copy leaves the attribute alone unless given there
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="DEBUG lines, a failure's full traceback (redacted), and Spark's and Ray's own console "
+                             "output (worker prints, Spark warnings), which otherwise go to log files")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                        help="only warnings and errors on stderr; no progress bars")
+    parser.add_argument("--log-format", choices=console.LOG_FORMATS, default=default("text"),
+                        help="log lines on stderr as text (default) or one JSON object per line "
+                             "(time, level, logger, message; for pods)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,11 +378,21 @@ def build_parser() -> argparse.ArgumentParser:
         "Environment: DEEPCONTENT__SECTION__KEY=value. Secrets: AWS_ACCESS_KEY_ID / "
         "AWS_SECRET_ACCESS_KEY or storage.credentials_file. "
         "On a cluster: deepcontent submit STAGE --config FILE (spark-submit for Spark stages, "
-        "ray job submit for Ray stages; see deepcontent submit --help).",
+        "ray job submit for Ray stages; see deepcontent submit --help). "
+        "Console: Spark's and Ray's own output goes to log files (their errors and where the files are "
+        "are shown); -v shows it all.",
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the package and code versions and exit")
+    _console_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # parsed by deepcontent.submit (main hands it over before this parser runs); listed for --help
     sub.add_parser("submit", help=SUBMIT_HELP, description=SUBMIT_HELP, add_help=False)
+    p = sub.add_parser("config", help=CONFIG_HELP, description=CONFIG_HELP)
+    p.add_argument("action", choices=["show"], help="show: the resolved config")
+    p.add_argument("--config", "-c", default=None, help="config YAML (default: conf/local.yaml, the embedded default)")
+    p.add_argument("--json", action="store_true", help="print it as one JSON object instead of YAML")
+    _console_options(p, top=False)
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     for name, (_, help_text) in COMMANDS.items():
         if name == "transfer":
             p = sub.add_parser(name, help=help_text, description=TRANSFER_HELP,
@@ -340,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
             p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", "-c", default=None, help="config YAML (default: conf/local.yaml, the embedded default)")
         p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
-        p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")
+        _console_options(p, top=False)
         if name == "embed-files":
             p.add_argument("--out", required=True, help="where to write the Parquet result (a path or a storage URI)")
             p.add_argument("--model", default=None, help="model version (default: embed.model_version or production)")
@@ -401,12 +462,54 @@ def _is_override(arg: str) -> bool:
     return "=" in arg and key.split(".", 1)[0] in Config.model_fields
 
 
+_GLOBAL_FLAGS = {"-v", "--verbose", "-q", "--quiet"}
+
+
+def _leading_console_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The console options before the command (``deepcontent -v submit ...``) and the rest."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _GLOBAL_FLAGS or arg.startswith("--log-format="):
+            i += 1
+        elif arg == "--log-format" and i + 1 < len(argv):
+            i += 2
+        else:
+            break
+    return argv[:i], argv[i:]
+
+
+def _report_failure(message: str) -> None:
+    """The one line a failed command ends with: on stderr, or a JSON ERROR line with
+    ``--log-format json`` (so a pod's log stays one object per line); always redacted."""
+    message = redact_text(message)
+    if console.settings().log_format == "json":
+        log.error("%s", message)
+    else:
+        print(message, file=sys.stderr)
+
+
+def _show_config(cfg: Config, args) -> None:
+    """``deepcontent config show``: the resolved config, every secret masked
+    (:meth:`Config.public_dict`), as YAML or (``--json``) JSON."""
+    data = redact(cfg.public_dict())
+    if args.json:
+        print(json.dumps(data, default=str))
+        return
+    import yaml
+
+    print(redact_text(f"# deepcontent config: conf/base.yaml -> {args.config or 'conf/local.yaml'} -> DEEPCONTENT__* "
+                      f"environment -> {len(args.overrides)} override(s); secrets shown as ***"))
+    print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True), end="")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["submit"]:  # its own parser: a stage and cluster options (deepcontent.submit)
+    leading, rest = _leading_console_options(argv)
+    if rest[:1] == ["submit"]:  # its own parser: a stage and cluster options (deepcontent.submit)
         from deepcontent.submit import main as submit_main
 
-        return submit_main(argv[1:])
+        return submit_main([*leading, *rest[1:]])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `transfer DIR --model none key=value`: positionals after the options
@@ -416,11 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("embed-files", "transfer"):
         args.files = [a for a in args.overrides if not _is_override(a)]
         args.overrides = [a for a in args.overrides if _is_override(a)]
-    setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    console.configure(verbose=args.verbose, quiet=args.quiet, log_format=args.log_format)
     try:  # a submitted job runs the code that was submitted, or nothing (deepcontent.code_identity)
         identity = check_submitted_code()
     except SubmitError as exc:
-        print(f"deepcontent {args.command}: {exc}", file=sys.stderr)
+        _report_failure(f"deepcontent {args.command}: {exc}")
         return exc.code
     if identity:
         log.info("%s", identity)
@@ -433,14 +536,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
             cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"seeds": tuple(range(args.seeds))})})
     except ConfigError as exc:
-        print(redact_text(f"deepcontent: {exc}"), file=sys.stderr)
+        log.debug("deepcontent %s: the configuration failed here", args.command, exc_info=True)
+        _report_failure(f"deepcontent: {exc}")
         return 2
+    if args.command == "config":
+        _show_config(cfg, args)
+        return 0
     fn, _ = COMMANDS[args.command]
     try:
         result = fn(cfg, args)
-    except Exception as exc:  # one clear line for users; the traceback at debug level
-        log.debug("traceback", exc_info=True)
-        print(redact_text(f"deepcontent {args.command}: failed: {type(exc).__name__}: {exc}"), file=sys.stderr)
+    except Exception as exc:  # one clear line for users; the traceback with -v (redacted by the handler)
+        log.debug("deepcontent %s failed here:", args.command, exc_info=True)
+        _report_failure(f"deepcontent {args.command}: failed: {type(exc).__name__}: {exc}"
+                        + ("" if args.verbose else " (-v shows the traceback)"))
         return 1
     result = redact(json.loads(json.dumps(result, default=str)))  # what is printed carries no secret
     if args.command == "pipeline" and not args.json:

@@ -103,6 +103,10 @@ class RayConfig(_Section):
     address: str | None = None
     num_cpus: int | None = None
     include_dashboard: bool = False
+    # Ray workers' stdout / stderr forwarded to the driver: null = inside a Ray job (address
+    # "auto": the job's log) or with `deepcontent -v`, not on a plain console (they are always
+    # in Ray's session logs).
+    log_to_driver: bool | None = None
 
 
 class TableSource(_Section):

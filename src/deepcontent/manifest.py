@@ -19,22 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from deepcontent import __version__
-from deepcontent.redact import RedactingFilter, redact, redact_text  # noqa: F401 - redact_text re-exported
+from deepcontent.console import setup_logging  # noqa: F401 - re-exported: the console's set-up
+from deepcontent.redact import redact, redact_text  # noqa: F401 - redact_text re-exported
 
 log = logging.getLogger("deepcontent")
-
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Progress lines on stderr: ``HH:MM:SS stage: message``."""
-    root = logging.getLogger("deepcontent")
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        handler.addFilter(RedactingFilter())  # no log line carries a secret
-        root.addHandler(handler)
-    root.setLevel(level)
-    root.propagate = False
 
 
 def code_version() -> str:
@@ -94,19 +82,59 @@ class RunManifest:
 
 
 class Progress:
-    """Rate-limited progress lines for long loops: ``stage: what 120/300 (40%), 12.3/s, eta 15s``."""
+    """Progress of a long loop: a bar (tqdm) when stderr is a terminal and the CLI shows INFO
+    lines as text (:func:`deepcontent.console.progress_bars_enabled`), else rate-limited lines
+    ``stage: what 120/300 (40%), 12.3/s, eta 15s``. Either way the last step logs its line."""
 
     def __init__(self, stage: str, what: str, total: int | None, *, every_s: float = 5.0) -> None:
         self.stage, self.what, self.total, self.every_s = stage, what, total, every_s
         self.done = 0
         self.t0 = self._last = time.monotonic()
+        self._bar = None
+        from deepcontent import console
+
+        if console.progress_bars_enabled():
+            from tqdm import tqdm
+
+            class _Bar(tqdm):
+                monitor_interval = 0  # no monitor thread (stages fork worker processes)
+
+            try:  # a terminal that reports no size (0 x 0: some pseudo-terminals) gets 80 columns
+                width = os.get_terminal_size(sys.stderr.fileno()).columns
+            except (OSError, ValueError, AttributeError):
+                width = 0
+            size = {"dynamic_ncols": True} if width > 0 else {"ncols": 80, "nrows": 24}
+            self._bar = _Bar(total=total, desc=f"{stage}: {what}", file=sys.stderr, leave=False, mininterval=0.2, **size)
+            console.bar_opened()
 
     def update(self, n: int = 1) -> None:
         self.done += n
         now = time.monotonic()
-        if now - self._last >= self.every_s or (self.total is not None and self.done >= self.total):
+        finished = self.total is not None and self.done >= self.total
+        if self._bar is not None:
+            self._bar.update(n)
+            if finished:
+                self.close()
+                self._emit(now)
+            return
+        if now - self._last >= self.every_s or finished:
             self._last = now
             self._emit(now)
+
+    def close(self) -> None:
+        """Take the bar off the terminal (done by the last :meth:`update` when the total is known)."""
+        if self._bar is not None:
+            from deepcontent import console
+
+            self._bar.close()
+            self._bar = None
+            console.bar_closed()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _emit(self, now: float) -> None:
         elapsed = max(now - self.t0, 1e-9)

@@ -445,7 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the Spark driver finds jobs/<stage>.py (default: <project-dir>/jobs); "
                         "a URI such as local:///opt/deepcontent/jobs for cluster deploy mode")
     parser.add_argument("--python", default="python", help="interpreter that runs a Ray job's entry point on the cluster")
-    parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG lines and a failure's full traceback")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="log lines on stderr as text (default) or one JSON object per line")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return parser
 
@@ -453,12 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """``deepcontent submit`` with ``argv`` after the word ``submit``; returns the exit status."""
     args = build_parser().parse_intermixed_args(argv)
-    setup_logging(logging.WARNING if args.quiet else logging.INFO)
+    setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO, fmt=args.log_format)
     try:
         sub = build_submission(args.stage, config=args.config, overrides=args.overrides, no_wait=args.no_wait,
                                address=args.address, project_dir=args.project_dir, jobs_dir=args.jobs_dir,
                                python=args.python)
     except (SubmitError, ConfigError) as exc:
+        log.debug("deepcontent submit failed here:", exc_info=True)
         print(redact_text(f"deepcontent submit: {exc}"), file=sys.stderr)
         return getattr(exc, "code", 2)
     if args.dry_run:

@@ -4,10 +4,17 @@ Local by default (``ray.init()`` on this machine's CPUs); ``ray.address: auto`` 
 this process runs on (a Ray job's driver). A cluster's job-submission address
 (``http://head:8265``) is not for ``ray.init``: stages reach such a cluster as Ray jobs
 (``deepcontent submit``, and the nightly's Ray stages), never as a Ray Client. A ``ray://``
-address still connects as a Ray Client, which Ray advises against for ML workloads."""
+address still connects as a Ray Client, which Ray advises against for ML workloads.
+
+Under the CLI without ``-v`` (:func:`deepcontent.console.engines_quiet`) Ray keeps to its log
+files: workers' stdout / stderr are not forwarded to the driver (``log_to_driver=False`` unless
+``ray.log_to_driver``), the driver's ``ray`` and ``ray.data`` loggers write to
+``ray-driver.log`` in :func:`deepcontent.console.engine_log_dir` with only errors on the
+console, and Ray Data draws no progress bars."""
 
 from __future__ import annotations
 
+from deepcontent import console
 from deepcontent.config import RayConfig
 
 
@@ -23,12 +30,34 @@ def init_ray(cfg: RayConfig, *, runtime_env: dict | None = None):
         raise ConfigError(f"ray.address {cfg.address!r} is a job-submission address: run this stage on that cluster "
                           f"with `deepcontent submit <stage>` (or `deepcontent nightly`, which submits its Ray "
                           f"stages), or set ray.address=auto inside a job on it")
-    kwargs: dict = {"include_dashboard": cfg.include_dashboard, "log_to_driver": True}
+    quiet = console.engines_quiet()
+    # Inside a Ray job (address "auto") the driver's output *is* the job's log, where the
+    # workers' lines belong; on a user's console they are noise unless -v.
+    log_to_driver = cfg.log_to_driver if cfg.log_to_driver is not None else (not quiet or cfg.address == "auto")
+    kwargs: dict = {"include_dashboard": cfg.include_dashboard, "log_to_driver": log_to_driver}
     if cfg.address:
         kwargs["address"] = cfg.address
     elif cfg.num_cpus is not None:
         kwargs["num_cpus"] = cfg.num_cpus
     if runtime_env:
         kwargs["runtime_env"] = runtime_env
+    if quiet:
+        import ray.data  # its logger is configured on import: take it off the console after that
+
+        for name in ("ray", "ray.data"):
+            console.route_to_files(name, "ray-driver.log")
+        ray.data.DataContext.get_current().enable_progress_bars = False
     ray.init(**kwargs)
+    if quiet:
+        workers = "" if log_to_driver else " (not shown here; -v shows them)"
+        console.announce("ray", f"Ray driver -> {console.engine_log_dir() / 'ray-driver.log'}; "
+                                f"Ray workers -> {_session_logs(ray)}{workers}")
     return ray
+
+
+def _session_logs(ray) -> str:
+    """Where this Ray session's worker logs are (``/tmp/ray/session_*/logs`` on a local instance)."""
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()  # no public accessor
+    except Exception:  # noqa: BLE001 - a Ray Client has no local node
+        return "the Ray session's logs folder on each node"
