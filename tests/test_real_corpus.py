@@ -443,3 +443,27 @@ def test_update_lock_repins_to_what_apt_offers(fake_archive, capsys):
     assert [(p.package, p.version, p.size, p.sha256) for p in pins] == [
         ("game-data", "9.9-1", 1234, "e" * 64), ("other-music", "9.9-1", 1234, "e" * 64)]
     assert C.update_lock(lock) == []  # nothing changes a second time
+
+
+def test_a_package_split_keeps_packages_whole_and_is_stable(tmp_path):
+    from deepcontent.corpus import split_corpus, split_packages
+
+    names = [f"pkg{i}" for i in range(10)]
+    pre, held = split_packages(names, fraction=0.7, seed=0)
+    assert len(pre) == 7 and len(held) == 3 and not set(pre) & set(held) and set(pre) | set(held) == set(names)
+    assert split_packages(reversed(names), fraction=0.7, seed=0) == (pre, held)  # order-free
+    assert split_packages(names, fraction=0.7, seed=1) != (pre, held)
+    corpus = tmp_path / "corpus"
+    rows = []
+    for p in ("a", "b", "c"):
+        (corpus / p).mkdir(parents=True)
+        for k in range(2):
+            (corpus / p / f"t{k}.ogg").write_bytes(f"{p}{k}".encode())
+            rows.append(f"{p}/t{k}.ogg,{p}")
+    (corpus / "tracks.csv").write_text("path,package\n" + "\n".join(rows) + "\n")
+    info = split_corpus(corpus, tmp_path / "split", fraction=0.6, seed=0)
+    assert info["tracks"] == {"pretrain": 4, "heldout": 2} and len(info["heldout"]) == 1
+    held_pkg = info["heldout"][0]
+    assert (tmp_path / "split" / "heldout" / held_pkg / "t0.ogg").read_bytes() == f"{held_pkg}0".encode()
+    assert not (tmp_path / "split" / "pretrain" / held_pkg).exists()
+    assert split_corpus(corpus, tmp_path / "split", fraction=0.6, seed=0) == info  # idempotent

@@ -1083,6 +1083,59 @@ def update_lock(path: str | os.PathLike, *, apt_cache: str = "apt-cache") -> lis
 
 
 # ------------------------------------------------------------------------------------- CLI
+def split_packages(packages: Iterable[str], *, fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``(pretrain, heldout)``: the packages ordered by a seeded hash of their names, the first
+    ``round(fraction · n)`` (at least one, and at least one left) to pretrain on, the rest held
+    out — whole packages, so no held-out track shares a source with a pretraining one.
+
+    >>> split_packages(["a", "b", "c", "d"], fraction=0.5, seed=0)[0].__len__()
+    2
+    """
+    names = sorted(set(packages))
+    if len(names) < 2:
+        raise CorpusError(f"a package split needs at least 2 packages with music, got {names}")
+    if not 0.0 < fraction < 1.0:
+        raise CorpusError(f"--split-fraction must be between 0 and 1, got {fraction}")
+    order = sorted(names, key=lambda n: hashlib.sha256(f"{seed}:{n}".encode()).hexdigest())
+    k = min(max(round(fraction * len(names)), 1), len(names) - 1)
+    return sorted(order[:k]), sorted(order[k:])
+
+
+def split_corpus(corpus: str | os.PathLike, into: str | os.PathLike, *, fraction: float, seed: int = 0) -> dict:
+    """Lay a built corpus out as ``into/pretrain/<package>/…`` and ``into/heldout/<package>/…``
+    (hard links, copies where the file system has none; the same relative paths), split by
+    package (:func:`split_packages`), with ``into/split.json`` saying which is which. Idempotent:
+    files already there are kept, files of packages no longer in a part are removed."""
+    corpus, into = Path(corpus), Path(into)
+    rows = list(csv.DictReader(open(corpus / TRACKS_CSV, newline="")))
+    pretrain, heldout = split_packages({r["package"] for r in rows}, fraction=fraction, seed=seed)
+    part_of = {**{p: "pretrain" for p in pretrain}, **{p: "heldout" for p in heldout}}
+    wanted: set[Path] = set()
+    for r in rows:
+        src, dest = corpus / r["path"], into / part_of[r["package"]] / r["path"]
+        wanted.add(dest)
+        if dest.exists() and dest.stat().st_size == src.stat().st_size:
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            dest.unlink()
+        try:
+            os.link(src, dest)
+        except OSError:
+            shutil.copyfile(src, dest)
+    for part in ("pretrain", "heldout"):
+        for f in sorted((into / part).rglob("*"), reverse=True) if (into / part).exists() else []:
+            if f.is_file() and f not in wanted:
+                f.unlink()
+            elif f.is_dir() and not any(f.iterdir()):
+                f.rmdir()
+    counts = {part: sum(1 for r in rows if part_of[r["package"]] == part) for part in ("pretrain", "heldout")}
+    info = {"fraction": fraction, "seed": seed, "pretrain": pretrain, "heldout": heldout, "tracks": counts,
+            "corpus": str(corpus)}
+    _write_if_changed(into / "split.json", json.dumps(info, indent=2) + "\n")
+    return info
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="build_real_corpus.sh",
@@ -1101,6 +1154,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep at most N tracks per package (a small slice; default: no limit)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="packages scanned at once (default: %(default)s)")
+    p.add_argument("--split-into", type=Path, default=None,
+                   help="after building, lay the corpus out by package as DIR/pretrain/ and DIR/heldout/ "
+                        "(hard links; DIR/split.json lists the packages): pretrain on one, evaluate on the other")
+    p.add_argument("--split-fraction", type=float, default=0.7, help="share of packages to pretrain on (%(default)s)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the package order (%(default)s)")
     p.add_argument("--update-lock", action="store_true",
                    help="re-pin the lock to what apt-cache offers now (run apt-get update first), then stop")
     return p
@@ -1136,6 +1194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
            + (f", removed {res.removed} file(s)/folder(s) no longer in the selection" if res.removed else ""))
     print(f"{did}; {res.seconds:.0f} s. Tracks: {res.out / TRACKS_CSV}; left out: {res.out / DROPPED_CSV}; "
           f"manifest: {res.out / MANIFEST}.")
+    if args.split_into is not None:
+        try:
+            info = split_corpus(res.out, args.split_into, fraction=args.split_fraction, seed=args.split_seed)
+        except CorpusError as exc:
+            print(f"build_real_corpus: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"split by package into {args.split_into}: pretrain {info['tracks']['pretrain']} tracks of "
+              f"{', '.join(info['pretrain'])}; heldout {info['tracks']['heldout']} tracks of {', '.join(info['heldout'])}")
     return 0
 
 
