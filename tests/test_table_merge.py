@@ -18,6 +18,7 @@ import pytest
 from deepcontent import table_merge
 from deepcontent.config import WarehouseConfig
 from deepcontent.datasets import vector_column
+from deepcontent.errors import WarehouseError
 from deepcontent.storage import Storage
 from deepcontent.warehouse import Warehouse
 
@@ -116,6 +117,32 @@ def test_upsert_of_parts_equals_upsert_of_the_whole(warehouse):
     assert len(calls) == 2  # planned from the keys, then written, one part at a time
     assert rows_by_key(warehouse.read("embeddings")) == rows_by_key(emb(ids))
     assert not warehouse.upsert("embeddings", list(parts()), run_id="again")
+
+
+def test_an_upsert_given_the_heads_reads_each_part_once_and_checks_they_match(warehouse):
+    warehouse.upsert("embeddings", emb(["a", "b"]), run_id="r1")
+    parts, calls = [emb(["b", "c"], audio="x"), emb(["d"])], []
+
+    def data():
+        calls.append(1)
+        return parts
+
+    heads = pa.concat_tables([p.select(["track_id", "model_version", "audio_sha256"]) for p in parts])
+    assert warehouse.upsert("embeddings", data, run_id="r2", heads=heads)
+    assert len(calls) == 1  # written only: the plan came from the heads
+    assert rows_by_key(warehouse.read("embeddings")) == {("a", "v1"): "a-a", ("b", "v1"): "x-b", ("c", "v1"): "x-c",
+                                                          ("d", "v1"): "a-d"}
+    snapshot = warehouse.snapshot_id("embeddings")
+    with pytest.raises(WarehouseError, match="plan was made from 2 rows, the parts hold more"):
+        warehouse.upsert("embeddings", [emb(["e", "f", "g"])], run_id="r3",
+                         heads=emb(["e", "f"]).select(["track_id", "model_version", "audio_sha256"]))
+    with pytest.raises(WarehouseError, match="plan was made from 2 rows, the parts hold 1"):
+        warehouse.upsert("embeddings", [emb(["e"])], run_id="r4",
+                         heads=emb(["e", "f"]).select(["track_id", "model_version", "audio_sha256"]))
+    with pytest.raises(WarehouseError, match="rows 0-1 of the parts are not the heads"):
+        warehouse.upsert("embeddings", [emb(["e", "g"])], run_id="r5",
+                         heads=emb(["e", "f"]).select(["track_id", "model_version", "audio_sha256"]))
+    assert warehouse.snapshot_id("embeddings") == snapshot  # none of them committed anything
 
 
 def test_a_file_whose_rows_all_change_is_dropped_not_masked(warehouse):

@@ -8,7 +8,8 @@ same Arrow schema (:func:`deepcontent.warehouse.iceberg_schema`), so the two can
 The stages never spell a key or a schema themselves: they name a declaration from here.
 
 The module also holds the helpers every stage uses to turn stored columns back into arrays —
-float16 log-mels with their sizes checked (:func:`mel_arrays`), ``list<float32>`` vectors
+float16 log-mels with their sizes checked (:func:`mel_arrays` per row, :func:`mel_blocks` as
+zero-copy blocks of same-shaped rows), ``list<float32>`` vectors
 (:func:`vectors` / :func:`vector_column`) — and the one quarantine schema
 (:func:`quarantine_table`).
 
@@ -45,7 +46,7 @@ __all__ = [
     "AUDIO_INDEX", "DATASETS", "EMBEDDINGS", "EMBED_STAGING", "EXPORTS", "ITEM_INDEX", "PLAYS", "PLAYS_COO",
     "QUARANTINE_SCHEMA", "REJECTED_SCHEMA", "SIMILAR_TRACKS", "SPECTROGRAMS", "SPLITS", "TABLES", "TAGS",
     "TAG_INDEX", "TRACKS", "USER_INDEX", "WAVEFORMS", "Dataset", "Table", "csr_exports", "factors", "factors_table",
-    "load_csr", "mel_arrays", "quarantine", "quarantine_table", "vector_column", "vectors",
+    "load_csr", "mel_arrays", "mel_blocks", "quarantine", "quarantine_table", "vector_column", "vectors",
 ]
 
 #: Clips per Parquet row group in a spectrogram or waveform shard (~2.6 MB for 30 s clips):
@@ -320,13 +321,95 @@ def vectors(column: pa.ChunkedArray | pa.Array, *, width: int | None = None) -> 
     return flat.reshape(n, -1)
 
 
-def vector_column(m: np.ndarray) -> pa.ListArray:
-    """``(n, d)`` -> a ``list<float32>`` column of n vectors (one copy into Arrow)."""
+def vector_column(m: np.ndarray, *, valid: np.ndarray | None = None) -> pa.ListArray:
+    """``(n, d)`` -> a ``list<float32>`` column of n vectors (no copy of a C-contiguous float32
+    ``m``: Arrow wraps its memory).
+
+    ``valid`` : ``(n,)`` bool, optional — rows where it is False become null lists (their
+    values stay in the buffer, unread).
+    """
     m = np.ascontiguousarray(m, dtype=np.float32)
     if m.ndim != 2:
         raise ValueError(f"vectors must be (n, d), got shape {m.shape}")
+    if valid is not None and np.shape(valid) != (m.shape[0],):
+        raise ValueError(f"valid must have shape ({m.shape[0]},), got {np.shape(valid)}")
     offsets = pa.array(np.arange(m.shape[0] + 1, dtype=np.int32) * np.int32(m.shape[1]))
-    return pa.ListArray.from_arrays(offsets, pa.array(m.reshape(-1), pa.float32()), type=_FLOATS)
+    mask = None if valid is None else pa.array(~np.asarray(valid, dtype=bool))
+    return pa.ListArray.from_arrays(offsets, pa.array(m.reshape(-1), pa.float32()), type=_FLOATS, mask=mask)
+
+
+def mel_blocks(table: pa.Table, *, column: str = "mel") -> list[np.ndarray]:
+    """Stored spectrogram rows -> float16 blocks ``(r, n_mels, n_frames)``, one per run of
+    consecutive rows of the same shape, in row order (the blocks' ``r`` add up to the rows).
+
+    Each block is a read-only view of the column's Arrow data buffer: a binary column's values
+    lie back to back, so a run of equal-sized blobs *is* a C-contiguous 3-D array. The sizes are
+    checked for all rows at once (no per-row Python), so catalog-scale readers pay nothing per
+    clip. :func:`mel_arrays` gives the same values one array per row.
+
+    Parameters
+    ----------
+    table : pa.Table
+        With ``track_id`` (for messages), ``n_mels``, ``n_frames`` and ``column`` (float16
+        bytes, row-major ``(n_mels, n_frames)``); any chunking.
+    column : str
+        ``mel``, ``harmonic`` or ``percussive``.
+
+    Returns
+    -------
+    blocks : list of np.ndarray [shape=(r_i, n_mels_i, n_frames_i), dtype=float16]
+        A run never crosses a chunk of ``column`` (chunks are separate buffers).
+
+    Raises
+    ------
+    ValueError
+        If a row's blob is null or does not hold ``n_mels × n_frames`` float16 values, or a
+        size is null; the message names the first such track.
+    """
+    n = table.num_rows
+    ids = table["track_id"] if "track_id" in table.column_names else None
+
+    def track(i: int):
+        return None if ids is None else ids[int(i)].as_py()
+
+    sizes = []
+    for name in ("n_mels", "n_frames"):
+        c = table[name]
+        if c.null_count:
+            bad = np.flatnonzero(c.is_null().to_numpy(zero_copy_only=False))[0]
+            raise ValueError(f"track {track(bad)!r}: no {name} stored for its {column}")
+        sizes.append(np.asarray(c.to_numpy(), dtype=np.int64).reshape(n))
+    mels, frames = sizes
+    blocks: list[np.ndarray] = []
+    start = 0
+    for chunk in table[column].chunks:
+        k = len(chunk)
+        if not k:
+            continue
+        if chunk.null_count:
+            bad = start + np.flatnonzero(chunk.is_null().to_numpy(zero_copy_only=False))[0]
+            raise ValueError(f"track {track(bad)!r}: no {column} values stored")
+        wide = pa.types.is_large_binary(chunk.type)
+        _, offsets, data = chunk.buffers()
+        offsets = np.frombuffer(offsets, np.int64 if wide else np.int32)[chunk.offset:chunk.offset + k + 1]
+        m, f = mels[start:start + k], frames[start:start + k]
+        nbytes = np.diff(offsets)
+        wrong = np.flatnonzero(nbytes != 2 * m * f)
+        if len(wrong):
+            i = wrong[0]
+            raise ValueError(f"track {track(start + i)!r}: {column} blob holds {nbytes[i] / 2:g} values, expected "
+                             f"n_mels × n_frames = {m[i]} × {f[i]} = {m[i] * f[i]}")
+        raw = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+        cuts = np.flatnonzero((m[1:] != m[:-1]) | (f[1:] != f[:-1])) + 1
+        for s, e in zip(np.r_[0, cuts], np.r_[cuts, k]):
+            b = raw[offsets[s]:offsets[e]]
+            if b.ctypes.data % 2:  # only a sliced buffer starts mid-value; float16 wants 2-byte alignment
+                b = b.copy()
+            block = b.view(np.float16).reshape(e - s, m[s], f[s])
+            block.flags.writeable = False  # Arrow data is immutable even where its buffer is not
+            blocks.append(block)
+        start += k
+    return blocks
 
 
 def mel_arrays(table: pa.Table, *, column: str = "mel", dtype=np.float16, copy: bool = False) -> list[np.ndarray]:

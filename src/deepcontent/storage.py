@@ -510,11 +510,13 @@ class Storage:
         return self.delete(doomed)
 
     # ----------------------------------------------------------------- parquet
-    def write_parquet(self, table: pa.Table, uri: str, *, compression: str = "zstd", row_group_size: int | None = None) -> int:
+    def write_parquet(self, table: pa.Table, uri: str, *, compression: str = "zstd", row_group_size: int | None = None,
+                      use_dictionary: bool | list[str] = True) -> int:
         """Write one Parquet file (row groups of ``row_group_size`` rows, default one per
-        ~1M rows); returns its row count."""
+        ~1M rows; dictionary encoding for ``use_dictionary``: all columns, none, or those
+        named); returns its row count."""
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression=compression, row_group_size=row_group_size)
+        pq.write_table(table, buf, compression=compression, row_group_size=row_group_size, use_dictionary=use_dictionary)
         self.write_bytes(uri, buf.getvalue())
         return table.num_rows
 

@@ -605,7 +605,7 @@ class Warehouse:
         raise WarehouseError(self._redact(f"replace of {name!r} (run {run_id}) failed {_COMMIT_ATTEMPTS} times; "
                                           f"last: {last_error}"))
 
-    def upsert(self, name: str, data, *, run_id: str) -> bool:
+    def upsert(self, name: str, data, *, run_id: str, heads: pa.Table | None = None) -> bool:
         """Insert or replace rows by the table's key (:data:`TABLE_KEYS`) in one commit.
 
         Rows whose key is new are added; rows whose key exists with different values (in the
@@ -616,7 +616,10 @@ class Warehouse:
 
         ``data`` is a table, a sequence of tables, or a function returning an iterable of them
         (called twice: once to plan from the key columns, once to write), so the driver holds
-        one part at a time, never the whole upsert.
+        one part at a time, never the whole upsert. ``heads``, when the caller already holds
+        them, are the key and compare columns of every row the parts hold, in the same order:
+        the plan is made from them and the parts are read once, to write (parts that do not
+        hold exactly those rows fail the upsert before its commit).
 
         Merge-on-read (:mod:`deepcontent.table_merge`): only the key and compare columns of the
         stored rows in the partitions the incoming keys fall in are read; changed rows' old
@@ -630,12 +633,22 @@ class Warehouse:
         _check_name(name)
         decl = TABLES[name]
         keys, compare = list(decl.keys), list(decl.compare_columns)
-        # Pass 1: the incoming keys and compare columns only.
-        heads = [conform(name, p).select(keys + compare) for p in make_parts()]
-        if not sum(h.num_rows for h in heads):
+        given = heads is not None
+        if not given:
+            # Pass 1: the incoming keys and compare columns only.
+            parts = [conform(name, p).select(keys + compare) for p in make_parts()]
+            if not parts:
+                return False
+            heads = pa.concat_tables(parts)
+        else:
+            missing = [c for c in keys + compare if c not in heads.column_names]
+            if missing:
+                raise WarehouseSchemaError(f"table {name!r}: upsert heads lack column(s) {missing}")
+            target = arrow_schema(name)
+            heads = pa.table({c: heads[c].cast(target.field(c).type) for c in keys + compare})
+        if not heads.num_rows:
             return False
-        incoming = pa.concat_tables(heads).combine_chunks()
-        sizes = [h.num_rows for h in heads]
+        incoming = heads.combine_chunks()
         _check_unique(name, incoming, keys)
         last_error = ""
         for attempt in range(_COMMIT_ATTEMPTS):
@@ -652,13 +665,25 @@ class Warehouse:
                 with tbl.transaction() as tx:
                     with tm.MergeOnReadCommit.of(tx, {RUN_ID_PROPERTY: run_id}) as commit:
                         # Pass 2: each part's rows to write, one part at a time.
-                        bounds = np.cumsum([0] + sizes)
-
                         def rows_to_write():
-                            for k, part in enumerate(make_parts()):
-                                mask = plan.write[bounds[k]:bounds[k + 1]]
+                            at = 0
+                            for part in make_parts():
+                                n = part.num_rows
+                                if at + n > incoming.num_rows:
+                                    at += n
+                                    break
+                                part = conform(name, part)
+                                if given and not all(part[c].equals(incoming[c].slice(at, n)) for c in keys + compare):
+                                    raise WarehouseError(f"upsert into {name!r} (run {run_id}): rows {at}-{at + n - 1} "
+                                                         f"of the parts are not the heads the plan was made from")
+                                mask = plan.write[at:at + n]
+                                at += n
                                 if mask.any():
-                                    yield conform(name, part).filter(pa.array(mask))
+                                    yield part.filter(pa.array(mask))
+                            if at != incoming.num_rows:
+                                raise WarehouseError(f"upsert into {name!r} (run {run_id}): the plan was made from "
+                                                     f"{incoming.num_rows} rows, the parts hold "
+                                                     f"{'more' if at > incoming.num_rows else at}")
 
                         tm.write_data_files(tx, commit, rows_to_write())
                         tm.apply_deletes(tbl, commit, tasks, plan)

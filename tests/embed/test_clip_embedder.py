@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from deepcontent.embed.inference import STAGED_SCHEMA, ClipEmbedder, pair_keys, work_items
+from deepcontent.embed.inference import STAGED_SCHEMA, ClipEmbedder, work_items
 from deepcontent.embed.pooling import clip_outputs
 from deepcontent.models.factory import build_model
 from deepcontent.datasets import SPECTROGRAM_SCHEMA
@@ -46,11 +46,12 @@ def test_pending_clips_are_embedded_into_one_staged_file(registered_model):
     storage, version = registered_model
     uri, rows = _shard(storage, 10)
     todo = [r for r in rows if r["track_id"] not in ("T001", "T007")]  # two are already embedded
-    keys = pair_keys(pa.array([r["track_id"] for r in todo]), pa.array([r["audio_sha256"] for r in todo]))
-    worker = ClipEmbedder(storage=storage, model_version=version, todo_keys=keys,
-                          staging_uri=storage.uri("embeddings/staging/r2"), clips_per_forward_batch=3)
-    items = work_items(pa.table({"uri": [uri] * len(todo), "row_group": [int(r["track_id"][1:]) // 4 for r in todo]}),
+    worker = ClipEmbedder(storage=storage, model_version=version, staging_uri=storage.uri("embeddings/staging/r2"),
+                          clips_per_forward_batch=3)
+    at = [int(r["track_id"][1:]) for r in todo]
+    items = work_items(pa.table({"uri": [uri] * len(todo), "row_group": [i // 4 for i in at], "row": [i % 4 for i in at]}),
                        clips_per_item=100)
+    assert items == [{"uri": uri, "row_groups": [0, 1, 2], "rows": [[0, 2, 3], [0, 1, 2], [0, 1]]}]
     out = worker(pa.Table.from_pylist(items)).to_pylist()
     assert len(out) == 1 and out[0]["rows"] == 8 and out[0]["ok"] == 8
     staged = storage.read_parquet(out[0]["file"])
@@ -67,9 +68,8 @@ def test_pending_clips_are_embedded_into_one_staged_file(registered_model):
 def test_a_clip_with_nan_frames_is_marked_non_finite(registered_model):
     storage, version = registered_model
     uri, rows = _shard(storage, 5, nan_clip=2)
-    keys = pair_keys(pa.array([r["track_id"] for r in rows]), pa.array([r["audio_sha256"] for r in rows]))
-    worker = ClipEmbedder(storage=storage, model_version=version, todo_keys=keys, staging_uri=storage.uri("st"))
-    out = worker(pa.Table.from_pylist([{"uri": uri, "row_groups": [0, 1]}])).to_pylist()
+    worker = ClipEmbedder(storage=storage, model_version=version, staging_uri=storage.uri("st"))
+    out = worker(pa.Table.from_pylist([{"uri": uri, "row_groups": [0, 1], "rows": [[0, 1, 2, 3], [0]]}])).to_pylist()
     assert out[0]["rows"] == 5 and out[0]["ok"] == 4
     staged = storage.read_parquet(out[0]["file"])
     bad = staged.filter(pa.compute.equal(staged["status"], "non_finite"))
@@ -79,5 +79,4 @@ def test_a_clip_with_nan_frames_is_marked_non_finite(registered_model):
 def test_bf16_on_cpu_is_refused(registered_model):
     storage, version = registered_model
     with pytest.raises(ValueError, match="use_gpu=true"):
-        ClipEmbedder(storage=storage, model_version=version, todo_keys=pa.array([], pa.string()), staging_uri="x",
-                     precision="bf16")
+        ClipEmbedder(storage=storage, model_version=version, staging_uri="x", precision="bf16")

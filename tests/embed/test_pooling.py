@@ -42,8 +42,22 @@ def test_clip_outputs_refuse_bad_input(model):
 
 
 def test_work_items_split_by_row_group_and_keep_every_clip():
-    pending = pa.table({"uri": ["a"] * 20 + ["b"] * 3, "row_group": [g // 8 for g in range(20)] + [0, 0, 1]})
+    pending = pa.table({"uri": ["b"] * 3 + ["a"] * 20, "row_group": [1, 0, 0] + [g // 8 for g in range(20)],
+                        "row": [5, 7, 2] + [g % 8 for g in range(20)]})
     items = work_items(pending, clips_per_item=8)
-    assert items == [{"uri": "a", "row_groups": [0]}, {"uri": "a", "row_groups": [1]}, {"uri": "a", "row_groups": [2]},
-                     {"uri": "b", "row_groups": [0, 1]}]
-    assert work_items(pending, clips_per_item=100) == [{"uri": "a", "row_groups": [0, 1, 2]}, {"uri": "b", "row_groups": [0, 1]}]
+    r8 = list(range(8))
+    assert items == [{"uri": "a", "row_groups": [0], "rows": [r8]}, {"uri": "a", "row_groups": [1], "rows": [r8]},
+                     {"uri": "a", "row_groups": [2], "rows": [[0, 1, 2, 3]]},
+                     {"uri": "b", "row_groups": [0, 1], "rows": [[2, 7], [5]]}]
+    assert work_items(pending, clips_per_item=100) == [
+        {"uri": "a", "row_groups": [0, 1, 2], "rows": [r8, r8, [0, 1, 2, 3]]},
+        {"uri": "b", "row_groups": [0, 1], "rows": [[2, 7], [5]]}]
+    assert work_items(pending.slice(0, 0), clips_per_item=8) == []
+
+
+def test_work_items_of_a_shard_are_of_equal_size_not_full_ones_and_a_leftover():
+    pending = pa.table({"uri": ["s"] * 4096, "row_group": np.arange(4096) // 256, "row": np.arange(4096) % 256})
+    items = work_items(pending, clips_per_item=3125)
+    assert [it["row_groups"] for it in items] == [list(range(8)), list(range(8, 16))]
+    sizes = [sum(map(len, it["rows"])) for it in work_items(pending, clips_per_item=1000)]
+    assert len(sizes) == 5 and sum(sizes) == 4096 and max(sizes) - min(sizes) <= 256  # within a row group

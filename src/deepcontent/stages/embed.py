@@ -41,24 +41,62 @@ from deepcontent.registry import model_registry, production_version
 from deepcontent.stages.base import QuarantineCheck, StageContext, StageResult, StageRun
 from deepcontent.storage import Storage, join, safe_key
 
-__all__ = ["STAGE", "matching_settings", "run", "spectrogram_pairs"]
+__all__ = ["STAGE", "clips_per_item", "matching_settings", "run", "spectrogram_pairs"]
 
 STAGE = "embed"
 QUARANTINE = datasets.quarantine(STAGE)
+#: Work items per actor a run is cut into (fewer once items reach MAX_ITEM_CLIPS): enough that
+#: the actors finish close together, few enough that what each item costs (a Ray task, a shard
+#: footer, a staged file) stays small next to its clips.
+ITEMS_PER_ACTOR = 8
+#: The largest work item (clips): about one shard, a few MB of staged vectors.
+MAX_ITEM_CLIPS = 4096
+#: Rows per part the commit hands to the upsert. Each part becomes its own data files (one per
+#: partition it touches: 16 track buckets), so a part per staged file made thousands of small
+#: files at catalog scale; the Iceberg writer holds ~15 times a part's bytes while it splits
+#: and writes it, so parts stay at ~30 MB of 450-float vectors (~0.5 GB of driver memory).
+COMMIT_PART_ROWS = 16_384
 
 
-def spectrogram_pairs(storage: Storage) -> pa.Table:
-    """``(track_id, audio_sha256, settings_key, uri, row_group)`` of every published spectrogram
-    (reads three small columns per row group, never the mels)."""
+def clips_per_item(n_pending: int, *, actors: int, clips_per_batch: int) -> int:
+    """Clips per work item for ``n_pending`` clips: ~:data:`ITEMS_PER_ACTOR` items an actor,
+    at least ``clips_per_batch`` and at most :data:`MAX_ITEM_CLIPS`. Each item costs a Ray task,
+    a shard footer read and a staged file (written, then read by the commit), so a large run
+    wants few large items; a nightly with a few thousand clips still gives every actor work."""
+    target = -(-n_pending // max(1, actors * ITEMS_PER_ACTOR))
+    return max(clips_per_batch, min(MAX_ITEM_CLIPS, target))
+
+
+def spectrogram_pairs(storage: Storage, *, threads: int = 8) -> pa.Table:
+    """``(track_id, audio_sha256, settings_key, uri, row_group, row)`` of every published
+    spectrogram, ``row`` being its position in ``row_group``.
+
+    Reads three small columns of each shard in one call (``threads`` shards at a time: object
+    storage answers in latency, not bandwidth), never the mels; row groups and positions come
+    from the shard's footer, so a catalog of many small row groups costs no call per group."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
     SPECTROGRAMS.require(storage, needed_by="embed")
-    parts = []
-    for uri in SPECTROGRAMS.files(storage):
-        for g, t in storage.read_row_groups(uri, columns=["track_id", "audio_sha256", "settings_key"]):
-            parts.append(t.append_column("uri", pa.array([uri] * t.num_rows, pa.string()))
-                         .append_column("row_group", pa.array([g] * t.num_rows, pa.int32())))
     schema = pa.schema([("track_id", pa.string()), ("audio_sha256", pa.string()), ("settings_key", pa.string()),
-                        ("uri", pa.string()), ("row_group", pa.int32())])
-    return pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
+                        ("uri", pa.string()), ("row_group", pa.int32()), ("row", pa.int32())])
+
+    def read(uri: str) -> pa.Table:
+        with storage.open_input(uri) as f:
+            pf = pq.ParquetFile(f, pre_buffer=True)
+            t = pf.read(columns=["track_id", "audio_sha256", "settings_key"])
+            sizes = np.array([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)], dtype=np.int64)
+        first = np.repeat(np.cumsum(sizes) - sizes, sizes)
+        return (t.append_column("uri", pa.repeat(pa.scalar(uri, pa.string()), t.num_rows))
+                .append_column("row_group", pa.array(np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)))
+                .append_column("row", pa.array((np.arange(t.num_rows) - first).astype(np.int32)))
+                .cast(schema))
+
+    files = SPECTROGRAMS.files(storage)
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
+        parts = list(pool.map(read, files))
+    return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
 def matching_settings(pairs: pa.Table, *, settings_key: str, model_version: str) -> pa.Table:
@@ -83,9 +121,9 @@ def matching_settings(pairs: pa.Table, *, settings_key: str, model_version: str)
     return match.drop_columns(["settings_key"])
 
 
-def _embedder_kwargs(cfg: Config, storage: Storage, *, version: str, todo_keys: pa.Array, staging: str) -> dict:
+def _embedder_kwargs(cfg: Config, storage: Storage, *, version: str, staging: str) -> dict:
     ec = cfg.embed
-    return {"storage": storage, "model_version": version, "todo_keys": todo_keys, "staging_uri": staging,
+    return {"storage": storage, "model_version": version, "staging_uri": staging,
             "use_gpu": ec.use_gpu, "threads": ec.threads_per_actor, "precision": ec.precision,
             "clips_per_forward_batch": ec.clips_per_batch, "windows_per_forward": ec.windows_per_forward}
 
@@ -172,15 +210,15 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             return run.unchanged(outputs=outputs, counts={**counts, "embedded": 0}, model_version=version,
                                  seconds=dict(run.manifest.timings_s))
 
-        shards = sorted(set(pending["uri"].to_pylist()))
-        items = work_items(pending, clips_per_item=ec.clips_per_batch)
+        n_shards = len(pc.unique(pending["uri"]))
+        items = work_items(pending, clips_per_item=clips_per_item(pending.num_rows, actors=ec.actors,
+                                                                     clips_per_batch=ec.clips_per_batch))
         staging = join(storage.uri(EMBED_STAGING), safe_key(run.run_id))
         in_process = pending.num_rows <= ec.in_process_max_clips
         log.info("embed: run %s — %d clips to embed with %s (%d new, %d changed audio) from %d shards, %s",
-                 run.run_id, pending.num_rows, version, counts["new"], n_changed, len(shards),
+                 run.run_id, pending.num_rows, version, counts["new"], n_changed, n_shards,
                  "in this process" if in_process else f"{ec.actors} Ray actors" + (" on GPUs" if ec.use_gpu else ""))
-        embedder = _embedder_kwargs(cfg, storage, version=version, staging=staging,
-                                    todo_keys=pair_keys(pending["track_id"], pending["audio_sha256"]))
+        embedder = _embedder_kwargs(cfg, storage, version=version, staging=staging)
         embedder["registry"] = registry
         if not in_process:
             ctx.ensure_ray()
@@ -192,7 +230,8 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         with run.timed("commit"):
             files = [s["file"] for s in staged]
             # The driver reads only the small columns of the staged files to account for every
-            # clip; the vectors stream from staged file to table data file one file at a time.
+            # clip; the vectors stream from the staged files to the table's data files one part
+            # (COMMIT_PART_ROWS) at a time.
             heads = [storage.read_parquet(f, columns=["track_id", "audio_sha256", "status"]) for f in files]
             head = pa.concat_tables(heads) if heads else STAGED_SCHEMA.empty_table().select(
                 ["track_id", "audio_sha256", "status"])
@@ -215,20 +254,38 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             computed_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
             keep = [pc.and_(pa.array(first[o:o + h.num_rows]), pc.equal(h["status"], "ok"))
                     for o, h in zip(np.cumsum([0] + [h.num_rows for h in heads]), heads)]
+            # The rows() parts in order, keys only: the upsert plans from these instead of
+            # reading every staged file an extra time.
+            good = head.filter(pa.array(np.concatenate([k.to_numpy() for k in keep]))) if keep else head
+            upsert_heads = pa.table({"track_id": good["track_id"],
+                                     "model_version": pa.repeat(pa.scalar(version, pa.string()), good.num_rows),
+                                     "audio_sha256": good["audio_sha256"]})
+
+            def part(tables: list[pa.Table]) -> pa.Table:
+                good = pa.concat_tables(tables)
+                n = good.num_rows
+                return pa.table({
+                    "track_id": good["track_id"], "model_version": pa.repeat(pa.scalar(version, pa.string()), n),
+                    "predicted_factors": good["predicted_factors"], "embedding": good["embedding"],
+                    "audio_sha256": good["audio_sha256"],
+                    "computed_at": pa.repeat(pa.scalar(computed_at, pa.timestamp("us", tz="UTC")), n),
+                })
 
             def rows():
+                held, n = [], 0
                 for f, mask in zip(files, keep):
                     if not pc.any(mask).as_py():
                         continue
-                    good = storage.read_parquet(f).filter(mask)
-                    yield pa.table({
-                        "track_id": good["track_id"], "model_version": pa.array([version] * good.num_rows, pa.string()),
-                        "predicted_factors": good["predicted_factors"], "embedding": good["embedding"],
-                        "audio_sha256": good["audio_sha256"],
-                        "computed_at": pa.array([computed_at] * good.num_rows, pa.timestamp("us", tz="UTC")),
-                    })
+                    held.append(storage.read_parquet(f).filter(mask))
+                    n += held[-1].num_rows
+                    if n >= COMMIT_PART_ROWS:
+                        yield part(held)
+                        held, n = [], 0
+                if held:
+                    yield part(held)
 
-            committed = run.committed("embeddings", warehouse.upsert("embeddings", rows, run_id=run.run_id))
+            committed = run.committed("embeddings", warehouse.upsert("embeddings", rows, run_id=run.run_id,
+                                                                     heads=upsert_heads))
             run.publish_quarantine()
         # Staged files are only inputs of the commit: this run's, and those killed runs left
         # (older than the grace period; a concurrent run's are younger).
