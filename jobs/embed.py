@@ -9,7 +9,7 @@ cluster; `embed.use_gpu=true` gives each inference actor one GPU (bf16 autocast)
 
 import sys
 
-from deepcontent.cli import main
+from deepcontent.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["embed", *sys.argv[1:]]))
+    entry(["embed", *sys.argv[1:]])

@@ -6,7 +6,7 @@
 
 import sys
 
-from deepcontent.cli import main
+from deepcontent.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    entry(["evaluate", *sys.argv[1:]])

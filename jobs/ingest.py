@@ -8,7 +8,7 @@ master and resources come from the submit line; the config supplies storage and 
 
 import sys
 
-from deepcontent.cli import main
+from deepcontent.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["ingest", *sys.argv[1:]]))
+    entry(["ingest", *sys.argv[1:]])

@@ -5,7 +5,7 @@
 
 import sys
 
-from deepcontent.cli import main
+from deepcontent.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["maintain", *sys.argv[1:]]))
+    entry(["maintain", *sys.argv[1:]])

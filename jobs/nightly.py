@@ -8,7 +8,7 @@ Safe to re-run after any failure: a second run publishes nothing.
 
 import sys
 
-from deepcontent.cli import main
+from deepcontent.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["nightly", *sys.argv[1:]]))
+    entry(["nightly", *sys.argv[1:]])

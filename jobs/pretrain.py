@@ -9,7 +9,7 @@ running Ray cluster; ``pretrain.use_gpu=true`` gives one worker per GPU with NCC
 
 import sys
 
-from deepcontent.cli import main
+from deepcontent.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["pretrain", *sys.argv[1:]]))
+    entry(["pretrain", *sys.argv[1:]])

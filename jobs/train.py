@@ -9,7 +9,7 @@ running Ray cluster; ``train.use_gpu=true`` gives one worker per GPU with NCCL a
 
 import sys
 
-from deepcontent.cli import main
+from deepcontent.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    entry(["train", *sys.argv[1:]])

@@ -7,7 +7,7 @@
 
 import sys
 
-from deepcontent.cli import main
+from deepcontent.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["transfer", *sys.argv[1:]]))
+    entry(["transfer", *sys.argv[1:]])

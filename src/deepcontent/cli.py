@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from typing import Callable
 
@@ -568,5 +570,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code``; straight away (output flushed) when an engine's shutdown was
+    abandoned, since interpreter finalisation would wait on the call that hung."""
+    from deepcontent.engines import ray as ray_engine
+
+    if ray_engine.SHUTDOWN_ABANDONED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The ``deepcontent`` console script and ``jobs/*.py``: :func:`main`, then :func:`_exit`
+    with its code."""
+    _exit(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -87,6 +87,15 @@ _COMMIT_ATTEMPTS = 8
 TABLE_PROPERTIES = {"commit.retry.num-retries": "0"}
 
 
+def _missing_object(exc: BaseException) -> bool:
+    """Whether an I/O error says the object is not there (a local FileNotFoundError, or an S3
+    NoSuchKey / 404 that pyarrow reports as a plain OSError)."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    text = str(exc)
+    return isinstance(exc, OSError) and ("NO_SUCH_KEY" in text or "NoSuchKey" in text or "HTTP 404" in text)
+
+
 def _backoff(attempt: int) -> None:
     """Sleep a little (randomised) before re-planning a commit another writer beat."""
     time.sleep(min(0.05 * 2 ** attempt, 1.0) * (0.5 + random.random()))
@@ -480,9 +489,13 @@ class Warehouse:
                 raise WarehouseError(
                     f"warehouse table {'.'.join(ident)} does not exist; run ensure_tables() first"
                 ) from None
-            except FileNotFoundError as exc:
+            except OSError as exc:
                 # The catalog names metadata another writer has just written; an object store
-                # may take a moment to show it (read-after-write lag on some servers).
+                # may take a moment to show it (read-after-write lag on some servers: the
+                # embedded rclone server answers NoSuchKey, which pyarrow raises as a plain
+                # OSError). Any other I/O error is not retried.
+                if not _missing_object(exc):
+                    raise self._fail(f"cannot load warehouse table {'.'.join(ident)}", exc) from None
                 if attempt == _COMMIT_ATTEMPTS - 1:
                     raise self._fail(f"cannot load warehouse table {'.'.join(ident)}", exc) from None
                 _backoff(attempt)

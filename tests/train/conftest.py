@@ -37,7 +37,9 @@ def ray_local():
     try:
         yield ray
     finally:
-        ray.shutdown()
+        from deepcontent.engines.ray import shutdown_ray
+
+        shutdown_ray()  # bounded: Ray's disconnect can hang (see shutdown_ray)
         shutil.rmtree(tmp, ignore_errors=True)
         for k, v in saved.items():
             if v is None:

@@ -61,3 +61,50 @@ def _session_logs(ray) -> str:
         return ray._private.worker._global_node.get_logs_dir_path()  # no public accessor
     except Exception:  # noqa: BLE001 - a Ray Client has no local node
         return "the Ray session's logs folder on each node"
+
+
+#: Set when :func:`shutdown_ray` gave up waiting: the process should end with ``os._exit``
+#: (interpreter finalisation would wait on the same stuck call). The CLI checks it.
+SHUTDOWN_ABANDONED = False
+
+
+def shutdown_ray(*, timeout_s: float = 60.0) -> bool:
+    """``ray.shutdown()``, bounded by ``timeout_s``; returns whether it completed.
+
+    Ray 2.60's driver disconnect can block for ever in the GCS subscriber's ``Close`` (a gRPC
+    call without a deadline that the GCS does not answer; seen after a full pipeline run, with
+    every stage's work done and committed). A command whose work is finished must not hang on
+    it, so the shutdown runs in a thread; past the deadline this stops the local Ray processes
+    that ``ray.init`` started (what the shutdown would have done next), takes Ray's own exit
+    hook off (it would block on the same call), and sets :data:`SHUTDOWN_ABANDONED`.
+    """
+    import atexit
+    import logging
+    import threading
+
+    import ray
+
+    global SHUTDOWN_ABANDONED
+    done = threading.Event()
+
+    def stop() -> None:
+        try:
+            ray.shutdown()
+        finally:
+            done.set()
+
+    threading.Thread(target=stop, name="ray-shutdown", daemon=True).start()
+    if done.wait(timeout_s):
+        return True
+    logging.getLogger(__name__).warning(
+        "ray.shutdown() did not return within %.0f s (the driver's GCS subscriber never closed); "
+        "stopping the local Ray processes directly", timeout_s)
+    atexit.unregister(ray.shutdown)
+    node = getattr(ray._private.worker, "_global_node", None)  # no public handle on the local node
+    if node is not None:
+        try:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+        except Exception as exc:  # noqa: BLE001 - best effort; Ray's reaper also ends them with us
+            logging.getLogger(__name__).warning("could not stop the local Ray processes: %s", exc)
+    SHUTDOWN_ABANDONED = True
+    return False

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from deepcontent import datasets
 from deepcontent.errors import QuarantineExceeded
@@ -150,9 +151,9 @@ class StageContext:
             self._warehouse.close()
             self._warehouse = None
         if self._ray_started:
-            import ray
+            from deepcontent.engines.ray import shutdown_ray
 
-            ray.shutdown()
+            shutdown_ray()
             self._ray_started = False
 
 
@@ -354,6 +355,23 @@ class StageRun:
         """Publish this run's quarantine as ``quarantine/<stage>``; returns its URI."""
         self.publish(self.quarantine_dataset, self.quarantine_files(), meta=meta)
         return self.uri(self.quarantine_dataset)
+
+    def commit_quarantine(self, warehouse: "Warehouse") -> bool:
+        """Append this run's rejected records to the ``quarantine`` table (one commit tagged with
+        the run id, nothing when the run rejected nothing), so downstream teams query every
+        stage's rejects in one table. Call after :meth:`publish_quarantine`; returns whether it
+        committed.
+
+        Only rows whose ``run_id`` is this run's go in: a stage whose quarantine dataset carries
+        earlier runs' rejects forward (spectrograms keeps every track whose current audio failed)
+        adds each reject once, in the run that saw it. Idempotent per run id."""
+        files = [f for f in self._quarantine_files if self.storage.exists(f)]
+        rows = self.storage.read_parquet(files) if files else datasets.QUARANTINE_SCHEMA.empty_table()
+        rows = rows.filter(pc.equal(rows["run_id"], self.run_id))
+        if rows.num_rows == 0:
+            return False
+        warehouse.ensure_tables(["quarantine"])
+        return self.committed("quarantine", warehouse.append("quarantine", rows, run_id=self.run_id))
 
     # ------------------------------------------------------------------ endings
     def succeed(self, *, counts: Mapping[str, Any] | None = None, quarantined: Mapping[str, int] | None = None,

@@ -287,6 +287,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             committed = run.committed("embeddings", warehouse.upsert("embeddings", rows, run_id=run.run_id,
                                                                      heads=upsert_heads))
             run.publish_quarantine()
+            run.commit_quarantine(warehouse)
         # Staged files are only inputs of the commit: this run's, and those killed runs left
         # (older than the grace period; a concurrent run's are younger).
         storage.sweep_prefix(storage.uri(EMBED_STAGING), own=staging)

@@ -212,6 +212,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             wh.ensure_tables([d.table for d in tables])
             for dataset, table in tables.items():
                 run.committed(dataset.table, wh.replace(dataset.table, [table], run_id=run.run_id))
+            run.commit_quarantine(wh)
         split_counts = Counter(split.tolist())
         counts = {"users": user_index.num_rows, "items": item_index.num_rows, "tags": tag_index.num_rows,
                   "play_records": records, **{f"nnz_{k}": v for k, v in nnz.items()},

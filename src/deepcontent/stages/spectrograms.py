@@ -264,6 +264,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                 run.publish(SPECTROGRAMS, spec_files, meta=meta)
             run.publish(AUDIO_INDEX, [run.write_part(AUDIO_INDEX, new_index)], meta=meta)
             run.publish_quarantine(meta=meta)
+            run.commit_quarantine(ctx.warehouse)
         log.info("spectrograms: computed %d, unchanged %d, quarantined %s (%d to retry)", status.get("ok", 0),
                  status.get("unchanged", 0), failed or "none", counts["to_retry"])
         return run.succeed(counts=counts, quarantined=dict(sorted(failed.items())), outputs=outputs,
