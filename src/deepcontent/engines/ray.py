@@ -68,15 +68,16 @@ def _session_logs(ray) -> str:
 SHUTDOWN_ABANDONED = False
 
 
-def shutdown_ray(*, timeout_s: float = 60.0) -> bool:
+def shutdown_ray(*, timeout_s: float = 15.0) -> bool:
     """``ray.shutdown()``, bounded by ``timeout_s``; returns whether it completed.
 
     Ray 2.60's driver disconnect can block for ever in the GCS subscriber's ``Close`` (a gRPC
-    call without a deadline that the GCS does not answer; seen after a full pipeline run, with
-    every stage's work done and committed). A command whose work is finished must not hang on
-    it, so the shutdown runs in a thread; past the deadline this stops the local Ray processes
-    that ``ray.init`` started (what the shutdown would have done next), takes Ray's own exit
-    hook off (it would block on the same call), and sets :data:`SHUTDOWN_ABANDONED`.
+    call without a deadline that the GCS does not answer; seen at the end of every full pipeline
+    run here, with all work done and committed). A command whose work is finished must not hang
+    on it (a healthy shutdown takes about 1.5 s), so the shutdown runs in a thread; past the
+    deadline this stops the local Ray processes that ``ray.init`` started (what the shutdown
+    would have done next), takes Ray's own exit hook off (it would block on the same call), and
+    sets :data:`SHUTDOWN_ABANDONED`.
     """
     import atexit
     import logging
