@@ -54,7 +54,7 @@ def test_every_stage_has_one_signature_and_is_reachable_from_cli_submit_and_jobs
         assert name in COMMANDS and name in help_text, name
         assert name in (SPARK_STAGES if stage.engine == "spark" else RAY_STAGES), name
         job = REPO / "jobs" / f"{name}.py"
-        assert job.is_file() and f'main(["{name}"' in job.read_text(), name
+        assert job.is_file() and f'entry(["{name}"' in job.read_text(), name
     assert set(SPARK_STAGES) | set(RAY_STAGES) == set(STAGES)
     assert {p.stem for p in (REPO / "jobs").glob("*.py")} == set(STAGES)
     assert "submit" in help_text

