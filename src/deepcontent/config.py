@@ -548,6 +548,10 @@ class NeighborsConfig(_Section):
     # nothing) when recall@k against them is below min_recall.
     min_recall: float = Field(0.95, ge=0.0, le=1.0)
     recall_queries: int = Field(2000, ge=1)
+    # Below min_recall on that sample, the search effort (hnsw ef_search, ivf nprobe) doubles
+    # before the full search, up to this multiple of the configured one (how hard vectors are to
+    # index depends on the catalog); 1 never raises it.
+    max_search_effort: int = Field(8, ge=1)
     seed: int = 0
     # Query the index in this many Ray tasks (the index and the vectors go to the object store
     # once; each task searches a range of rows), spreading the search over a cluster's cores;

@@ -157,3 +157,32 @@ def test_stage_fails_below_min_recall_and_commits_nothing(file_storage, tmp_path
               and "_completed" not in o.uri]
     manifest = file_storage.read_json(failed[0].uri)
     assert manifest["status"] == "failed" and manifest["index"]["recall_at_k"] < 0.95
+
+
+def test_stage_raises_the_search_effort_until_the_recall_holds(file_storage, tmp_path):
+    x = np.random.default_rng(1).normal(size=(1200, 32)).astype(np.float32)  # near-uniform: hard for IVF
+    settings = {"embed.model_version": VERSION, "neighbors.k": 10, "neighbors.exact_max_tracks": 100,
+                "neighbors.index": "ivf", "neighbors.index_params": "{nlist: 64, nprobe: 2}",
+                "neighbors.recall_queries": 200}
+    ids = _put_embeddings(config_for(file_storage, tmp_path, **settings), file_storage, x)
+    from deepcontent.stages.neighbors import NeighborsRecallError
+
+    # The configured effort alone is too little for these vectors ...
+    with pytest.raises(NeighborsRecallError, match=r"nprobe raised as far as neighbors.max_search_effort = 1"):
+        run_stage("neighbors", config_for(file_storage, tmp_path, **settings, **{"neighbors.max_search_effort": 1}),
+                  file_storage)
+    # ... raised on the sample (doubling, at most 32×) it reaches the gate, and the full search uses it.
+    cfg = config_for(file_storage, tmp_path, **settings, **{"neighbors.max_search_effort": 32})
+    result = run_stage("neighbors", cfg, file_storage)
+    report = file_storage.read_json(result.manifest_uri)["index"]
+    efforts = [t["nprobe"] for t in report["effort_tries"]]
+    assert efforts[0] == 2 and efforts == sorted(efforts) and len(efforts) > 1
+    assert all(t["recall_at_k"] < 0.95 for t in report["effort_tries"][:-1])
+    assert report["params"]["nprobe"] == efforts[-1] and report["recall_at_k"] >= 0.95
+    got, _ = _similar(cfg, file_storage)
+    exact, _ = top_k_cosine(x, k=10)
+    found = np.array([[ids.index(t) for t in got["neighbor_track_id"].to_pylist()[i * 10:(i + 1) * 10]]
+                      for i in range(len(ids))])
+    assert ann.recall_at_k(found, exact) >= 0.95
+    pointer = file_storage.published(result.outputs["index"])
+    assert pointer["params"]["nprobe"] == efforts[-1]

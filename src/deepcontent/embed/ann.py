@@ -34,7 +34,9 @@ __all__ = [
     "index_to_bytes",
     "recall_at_k",
     "sample_queries",
+    "search_effort_key",
     "search_index",
+    "set_search_effort",
     "unit_rows",
 ]
 
@@ -73,6 +75,28 @@ def default_params(method: str, *, n: int, k: int) -> dict[str, Any]:
         nlist = int(max(16, min(65536, 4 * np.sqrt(n))))
         return {"nlist": nlist, "nprobe": max(16, nlist // 64), "train_size": min(n, 64 * nlist)}
     return {}
+
+
+def search_effort_key(method: str) -> str:
+    """The search-time parameter that trades speed for recall: ``ef_search`` (candidates kept
+    while walking the HNSW graph) or ``nprobe`` (IVF cells visited per query)."""
+    if method == "hnsw":
+        return "ef_search"
+    if method == "ivf":
+        return "nprobe"
+    raise ValueError(f"no search effort for method {method!r}")
+
+
+def set_search_effort(index, *, method: str, value: int) -> int:
+    """Set the index's search effort (:func:`search_effort_key`) in place; returns the value
+    set (an IVF index visits at most its ``nlist`` cells)."""
+    if method == "hnsw":
+        index.hnsw.efSearch = int(value)
+        return int(index.hnsw.efSearch)
+    if method == "ivf":
+        index.nprobe = int(min(value, index.nlist))
+        return int(index.nprobe)
+    raise ValueError(f"no search effort for method {method!r}")
 
 
 def build_index(unit: np.ndarray, *, spec: IndexSpec, seed: int = 0, threads: int | None = None):

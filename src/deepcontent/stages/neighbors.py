@@ -9,8 +9,11 @@
    for every track, in this process or in ``neighbors.query_tasks`` Ray tasks that share the
    index through the object store.
 3. **Recall is measured, not assumed.** An approximate run also searches
-   ``neighbors.recall_queries`` seeded queries exactly and records recall@k in the manifest;
-   below ``neighbors.min_recall`` the run fails and commits nothing.
+   ``neighbors.recall_queries`` seeded queries exactly. Before the full search it searches that
+   sample in the index and, while recall@k is below ``neighbors.min_recall``, doubles the
+   search effort (``ef_search`` / ``nprobe``) up to ``neighbors.max_search_effort`` times the
+   configured one; the recall of the published rows and the efforts tried go in the manifest.
+   Still below ``neighbors.min_recall``, the run fails and commits nothing.
 4. **Index export.** The index (``index.faiss``), the track id of each of its rows
    (``ids.parquet``) and, in the published pointer, its method, parameters and measured recall
    are published under ``<root>/indexes/<model_version>/`` so a serving system can load them.
@@ -55,7 +58,8 @@ def index_uri(storage, model_version: str) -> str:
 
 
 def search_all(unit: np.ndarray, *, k: int, method: str, params: dict, seed: int, recall_queries: int,
-               block_rows: int = 2048, query=None) -> tuple[np.ndarray, np.ndarray, dict, object]:
+               min_recall: float | None = None, max_search_effort: int = 1, block_rows: int = 2048,
+               query=None) -> tuple[np.ndarray, np.ndarray, dict, object]:
     """Every row's ``k`` nearest other rows, and how it was done.
 
     Parameters
@@ -65,6 +69,15 @@ def search_all(unit: np.ndarray, *, k: int, method: str, params: dict, seed: int
     method : {"exact", "hnsw", "ivf"}
     params : dict
         The index parameters (:func:`deepcontent.embed.ann.default_params` and overrides).
+    min_recall : float, optional
+        The recall@k the search effort is raised towards (see ``max_search_effort``).
+    max_search_effort : int >= 1
+        How far the search effort (``ef_search`` / ``nprobe``) may be raised above ``params``':
+        before the full search, the seeded sample is searched and, while its recall@k is below
+        ``min_recall``, the effort doubles, up to this multiple. How hard a catalog's vectors are
+        to index depends on the vectors (clustered ones are easy, near-uniform ones hard), so a
+        fixed effort that suits one catalog fails another; searching 2,000 queries again costs
+        little next to the build. 1 keeps ``params`` as given.
     query : callable, optional
         ``query(index, unit, k) -> (neighbors, scores)`` searching every row (the Ray fan-out);
         default: :func:`deepcontent.embed.ann.search_index` in this process.
@@ -75,26 +88,46 @@ def search_all(unit: np.ndarray, *, k: int, method: str, params: dict, seed: int
         -1 where an approximate index returned fewer rows.
     scores : np.ndarray [shape=(n, min(k, n - 1)), dtype=float32]
     report : dict
-        ``method``, ``params``, ``seconds`` per phase and, for an index, ``recall_at_k`` with
-        ``recall_queries``.
+        ``method``, ``params`` (those searched with), ``seconds`` per phase and, for an index,
+        ``recall_at_k`` with ``recall_queries`` and ``effort_tries`` (the sample's recall at each
+        effort tried).
     index : faiss.Index or None
     """
+    if max_search_effort < 1:
+        raise ValueError(f"max_search_effort must be at least 1, got {max_search_effort}")
     t0 = time.perf_counter()
     if method == "exact":
         idx, score = top_k_cosine(unit, k=k, block_rows=block_rows)
         return idx, score, {"method": "exact", "params": {}, "seconds": {"search": round(time.perf_counter() - t0, 3)}}, None
+    params = dict(params)
     index = ann.build_index(unit, spec=ann.IndexSpec(method, params), seed=seed)
     t1 = time.perf_counter()
+    sample = ann.sample_queries(unit.shape[0], size=recall_queries, seed=seed)
+    truth = ann.exact_neighbors_of(unit, sample, k=k)
+    t2 = time.perf_counter()
+    key = ann.search_effort_key(method)
+    ceiling, tries = int(params[key]) * int(max_search_effort), []
+    while True:
+        found, _ = ann.search_index(index, unit, sample, k=k)
+        tries.append({key: int(params[key]), "recall_at_k": round(ann.recall_at_k(found, truth), 5)})
+        if min_recall is None or tries[-1]["recall_at_k"] >= min_recall or params[key] >= ceiling:
+            break
+        raised = ann.set_search_effort(index, method=method, value=min(2 * int(params[key]), ceiling))
+        if raised == params[key]:  # an IVF index already visits every cell
+            break
+        params[key] = raised
+    t3 = time.perf_counter()
     if query is None:
         idx, score = ann.search_index(index, unit, slice(None), k=k)
     else:
         idx, score = query(index, unit, k)
-    t2 = time.perf_counter()
-    sample = ann.sample_queries(unit.shape[0], size=recall_queries, seed=seed)
-    recall = ann.recall_at_k(idx[sample], ann.exact_neighbors_of(unit, sample, k=k))
-    t3 = time.perf_counter()
-    report = {"method": method, "params": dict(params), "recall_at_k": round(recall, 5), "recall_queries": len(sample),
-              "seconds": {"build": round(t1 - t0, 3), "search": round(t2 - t1, 3), "recall": round(t3 - t2, 3)}}
+    t4 = time.perf_counter()
+    # The reported recall is that of the rows as they will be published (the full search).
+    recall = ann.recall_at_k(idx[sample], truth)
+    report = {"method": method, "params": params, "recall_at_k": round(recall, 5), "recall_queries": len(sample),
+              "effort_tries": tries,
+              "seconds": {"build": round(t1 - t0, 3), "recall": round(t2 - t1, 3), "tune": round(t3 - t2, 3),
+                          "search": round(t4 - t3, 3)}}
     return idx, score, report, index
 
 
@@ -178,7 +211,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         for chunk in emb["track_id"].chunks:
             digest.update(b"".join(b.to_pybytes() for b in chunk.buffers() if b is not None))
         settings = {"k": nc.k, "vector": nc.vector, "method": method, "params": params, "seed": nc.seed,
-                    "min_recall": nc.min_recall, "export": nc.export_index and method != "exact"}
+                    "min_recall": nc.min_recall, "max_search_effort": nc.max_search_effort, "export": nc.export_index and method != "exact"}
         fingerprint = f"{version}:{digest.hexdigest()}:{json.dumps(settings, sort_keys=True)}"
         run.manifest.inputs = {"model_version": version, "vector": nc.vector, "tracks": n}
         if run.previous(fingerprint, scope=safe_key(version.replace("/", "_")), warehouse=warehouse) is not None:
@@ -193,17 +226,21 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
             query = _ray_query(tasks=nc.query_tasks, cpus=nc.cpus_per_task)
         with run.timed("search"):
             idx, score, report, index = search_all(unit, k=nc.k, method=method, params=params, seed=nc.seed,
-                                                   recall_queries=nc.recall_queries, block_rows=nc.block_rows,
-                                                   query=query)
+                                                   recall_queries=nc.recall_queries, min_recall=nc.min_recall,
+                                                   max_search_effort=nc.max_search_effort,
+                                                   block_rows=nc.block_rows, query=query)
         run.manifest.index = report  # in the manifest whether the run goes on or fails here
         if method != "exact":
             log.info("neighbors: %s recall@%d = %.4f on %d exact queries (min %.2f)", method, nc.k,
                      report["recall_at_k"], report["recall_queries"], nc.min_recall)
             if report["recall_at_k"] < nc.min_recall:
+                key = ann.search_effort_key(method)
                 raise NeighborsRecallError(
-                    f"neighbors: the {method} index {params} found recall@{nc.k} = {report['recall_at_k']:.4f} on "
-                    f"{report['recall_queries']} seeded exact queries, below neighbors.min_recall = {nc.min_recall}; "
-                    f"nothing committed. Raise the search effort (neighbors.index_params, e.g. ef_search or nprobe) "
+                    f"neighbors: the {method} index {report['params']} found recall@{nc.k} = {report['recall_at_k']:.4f} "
+                    f"on {report['recall_queries']} seeded exact queries, below neighbors.min_recall = {nc.min_recall}, "
+                    f"with {key} raised as far as neighbors.max_search_effort = {nc.max_search_effort} allows "
+                    f"(tried {[t[key] for t in report['effort_tries']]}); nothing committed. Allow more effort "
+                    f"(neighbors.max_search_effort), build a denser index (neighbors.index_params, e.g. m or nlist) "
                     f"or set neighbors.exact_max_tracks above {n}")
         rows = _similar_rows(emb["track_id"], idx, score, version=version)
         with run.timed("commit"):
