@@ -561,6 +561,16 @@ class NeighborsConfig(_Section):
     # Export the index per model version to <root>/indexes/<model_version>/ (index.faiss,
     # ids.parquet, and its parameters and measured recall in the published pointer).
     export_index: bool = True
+    # Nightly runs update the last exported index and search again only the lists that can
+    # change (deepcontent.embed.neighbor_update) instead of rebuilding and searching every track;
+    # a full search when more than max_incremental_fraction of the tracks were added, changed or
+    # removed, when dead rows would exceed rebuild_dead_fraction of the index, or when the
+    # updated lists miss min_recall. reverse_candidates: nearest tracks searched around each
+    # added vector to find the lists it enters.
+    incremental: bool = True
+    max_incremental_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    rebuild_dead_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    reverse_candidates: int = Field(100, ge=1)
 
 
 class MaintainConfig(_Section):

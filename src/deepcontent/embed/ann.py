@@ -33,6 +33,7 @@ __all__ = [
     "index_from_bytes",
     "index_to_bytes",
     "recall_at_k",
+    "row_hashes",
     "sample_queries",
     "search_effort_key",
     "search_index",
@@ -158,42 +159,55 @@ def index_from_bytes(data) -> Any:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data)
 
 
-def search_index(index, unit: np.ndarray, rows: np.ndarray | slice, *, k: int,
-                 batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def search_index(index, unit: np.ndarray, rows: np.ndarray | slice, *, k: int, batch_rows: int = 65536,
+                 self_rows: np.ndarray | None = None, exclude: np.ndarray | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most similar *other* rows of the rows ``rows`` of ``unit``, by the index.
 
     Parameters
     ----------
     index : faiss.Index
-        Built over all of ``unit`` (row i of ``unit`` is id i in the index).
+        Built over all of ``unit`` (row i of ``unit`` is id i in the index), unless
+        ``self_rows`` says where each query sits in it.
     unit : np.ndarray [shape=(n, d), dtype=float32]
     rows : np.ndarray [shape=(q,)] or slice
-        Which rows to query.
+        Which rows of ``unit`` to query.
     k : int >= 1
         Neighbours per row; at most ``n - 1``.
     batch_rows : int
         Queries per faiss call (bounds the result buffers).
+    self_rows : np.ndarray [shape=(q,), dtype=int64], optional
+        The index id of each query's own vector, never returned (default: ``rows``). An index
+        updated in place (:mod:`deepcontent.embed.neighbor_update`) has ids that are not rows
+        of ``unit``.
+    exclude : np.ndarray [shape=(m,), dtype=int64], optional
+        Index ids never returned (the dead rows of an updated index).
 
     Returns
     -------
     neighbors : np.ndarray [shape=(q, min(k, n - 1)), dtype=int64]
-        Most similar first, never the row itself. Where the index returns fewer than ``k``
-        other rows (a tiny or disconnected index) the rest is -1.
+        Index ids, most similar first, never the query itself. Where the index returns fewer
+        than ``k`` other rows (a tiny or disconnected index) the rest is -1.
     scores : np.ndarray [shape=(q, min(k, n - 1)), dtype=float32]
         Inner products of unit vectors (cosine); -inf where the neighbour is -1.
     """
     n = unit.shape[0]
     ids = np.arange(n)[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+    selfs = ids if self_rows is None else np.asarray(self_rows, dtype=np.int64)
+    if len(selfs) != len(ids):
+        raise ValueError(f"self_rows has {len(selfs)} ids for {len(ids)} queries")
     kk = min(k, n - 1)
     out_idx = np.full((len(ids), kk), -1, np.int64)
     out_score = np.full((len(ids), kk), -np.inf, np.float32)
     if kk <= 0:
         return out_idx[:, :0], out_score[:, :0]
+    params = _search_params(index, exclude)
     for s in range(0, len(ids), batch_rows):
-        q = ids[s : s + batch_rows]
-        scores, found = index.search(np.ascontiguousarray(unit[q]), kk + 1)
+        q, me = ids[s : s + batch_rows], selfs[s : s + batch_rows]
+        x = np.ascontiguousarray(unit[q])
+        scores, found = index.search(x, kk + 1) if params is None else index.search(x, kk + 1, params=params)
         # Drop the query itself wherever it is (duplicates may outrank it); otherwise the last.
-        is_self = found == q[:, None]
+        is_self = found == me[:, None]
         drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), kk)
         keep = np.ones_like(found, dtype=bool)
         keep[np.arange(len(q)), drop] = False
@@ -204,6 +218,48 @@ def search_index(index, unit: np.ndarray, rows: np.ndarray | slice, *, k: int,
         out_idx[s : s + len(q)] = np.take_along_axis(found, order, axis=1)
         out_score[s : s + len(q)] = np.take_along_axis(scores, order, axis=1)
     return out_idx, out_score
+
+
+def _search_params(index, exclude: np.ndarray | None):
+    """faiss search parameters that skip the ids ``exclude`` (None when there are none), with
+    the index's own search effort."""
+    if exclude is None or len(exclude) == 0:
+        return None
+    import faiss
+
+    selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64)))
+    if hasattr(index, "hnsw"):
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = index.hnsw.efSearch
+    elif hasattr(index, "nprobe"):
+        params = faiss.SearchParametersIVF()
+        params.nprobe = index.nprobe
+    else:
+        params = faiss.SearchParameters()
+    params.sel = selector
+    params._keep = selector  # the parameters hold a raw pointer: keep the selector alive with them
+    return params
+
+
+def row_hashes(unit: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row's float32 bytes: tells an unchanged vector from a changed one
+    without keeping the vectors.
+
+    Parameters
+    ----------
+    unit : np.ndarray [shape=(n, d), dtype=float32]
+
+    Returns
+    -------
+    hashes : np.ndarray [shape=(n,), dtype=uint64]
+    """
+    words = np.ascontiguousarray(unit, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    h = np.full(words.shape[0], 0xCBF29CE484222325, dtype=np.uint64)
+    prime = np.uint64(0x100000001B3)
+    with np.errstate(over="ignore"):
+        for j in range(words.shape[1]):  # FNV-1a over 32-bit words, one column at a time
+            h = (h ^ words[:, j]) * prime
+    return h
 
 
 def sample_queries(n: int, *, size: int, seed: int) -> np.ndarray:

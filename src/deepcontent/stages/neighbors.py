@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from deepcontent.config import Config
 from deepcontent.datasets import vectors
@@ -154,11 +155,17 @@ def _ray_query(*, tasks: int, cpus: float):
     return query
 
 
-def _similar_rows(track_ids: pa.ChunkedArray, idx: np.ndarray, score: np.ndarray, *, version: str) -> pa.Table:
-    """``similar_tracks`` rows from the neighbour matrix (Arrow takes, no Python lists)."""
+def _similar_rows(track_ids: pa.ChunkedArray, idx: np.ndarray, score: np.ndarray, *, version: str,
+                  owners: np.ndarray | None = None) -> pa.Table:
+    """``similar_tracks`` rows from the neighbour matrix (Arrow takes, no Python lists); only the
+    lists of ``owners`` (positions) when given."""
+    if owners is not None:
+        idx, score = idx[owners], score[owners]
+    else:
+        owners = np.arange(idx.shape[0], dtype=np.int64)
     n, kk = idx.shape
     found = idx.ravel() >= 0
-    owner = np.repeat(np.arange(n, dtype=np.int64), kk)[found]
+    owner = np.repeat(owners, kk)[found]
     ids = track_ids.combine_chunks()
     return pa.table({
         "track_id": ids.take(pa.array(owner)),
@@ -170,20 +177,108 @@ def _similar_rows(track_ids: pa.ChunkedArray, idx: np.ndarray, score: np.ndarray
     })
 
 
-def _export_index(run: StageRun, index, track_ids: pa.ChunkedArray, *, version: str, report: dict, meta: dict) -> str:
-    """Publish the index, its row -> track id map and its description under ``indexes/``."""
+def _export_index(run: StageRun, index, rows: pa.Table, *, version: str, report: dict, meta: dict) -> str:
+    """Publish the index, its row -> track map and its description under ``indexes/``.
+
+    ``rows`` (``ids.parquet``) has one row per index id: ``row``, ``track_id``, ``alive`` (an
+    updated index keeps the rows of changed and removed tracks in its graph: a serving system
+    skips the dead ones) and ``vector_hash`` (what the next nightly compares against)."""
     storage = run.storage
     uri = index_uri(storage, version)
     staging = storage.staging_uri(uri, run.run_id)
     files = [join(staging, "index.faiss"), join(staging, "ids.parquet")]
     storage.write_bytes(files[0], ann.index_to_bytes(index).tobytes())
-    storage.write_parquet(pa.table({"row": pa.array(np.arange(len(track_ids), dtype=np.int64)),
-                                    "track_id": track_ids}), files[1])
+    storage.write_parquet(rows, files[1])
     run.storage.publish(uri, run_id=run.run_id, files=files, meta={
         "stage": STAGE, "model_version": version, "metric": "inner product of L2-normalised vectors (cosine)",
         "method": report["method"], "params": report["params"], "recall_at_k": report.get("recall_at_k"),
         "recall_queries": report.get("recall_queries"), **meta})
     return uri
+
+
+def _index_rows(track_ids, alive: np.ndarray, hashes: np.ndarray) -> pa.Table:
+    return pa.table({"row": pa.array(np.arange(len(alive), dtype=np.int64)), "track_id": track_ids,
+                     "alive": pa.array(np.asarray(alive, bool)), "vector_hash": pa.array(np.asarray(hashes, np.uint64))})
+
+
+def _build_params(params: dict, method: str) -> dict:
+    """The parameters an index is built with (its search effort aside)."""
+    key = ann.search_effort_key(method)
+    return {k: v for k, v in params.items() if k != key}
+
+
+def _update(run: StageRun, nc, *, version: str, emb: pa.Table, unit: np.ndarray, method: str, params: dict,
+            warehouse) -> tuple | None:
+    """The incremental search (:mod:`deepcontent.embed.neighbor_update`) from the index the last
+    run exported, or None (with the reason logged) where a full search is due."""
+    from pyiceberg.expressions import EqualTo
+
+    from deepcontent.embed import neighbor_update as nu
+
+    def full(reason: str) -> None:
+        log.info("neighbors: full search (%s)", reason)
+        return None
+
+    uri = index_uri(run.storage, version)
+    pointer = run.storage.published(uri)
+    if pointer is None:
+        return full("no exported index yet")
+    if (pointer.get("method"), pointer.get("vector"), pointer.get("k")) != (method, nc.vector, nc.k) or \
+            _build_params(pointer.get("params") or {}, method) != _build_params(params, method):
+        return full("the index settings changed")
+    files = run.storage.published_files(uri)
+    rows = run.storage.read_parquet(next(f for f in files if f.endswith("ids.parquet")))
+    if "vector_hash" not in rows.column_names:
+        return full("the exported index predates incremental updates")
+    n = unit.shape[0]
+    track_ids = emb["track_id"].combine_chunks()
+    hashes = ann.row_hashes(unit)
+    alive = rows["alive"].to_numpy(zero_copy_only=False)
+    plan = nu.plan_update(row_track_ids=rows["track_id"].combine_chunks(), row_alive=alive,
+                          row_hashes=rows["vector_hash"].to_numpy(zero_copy_only=False), track_ids=track_ids,
+                          hashes=hashes)
+    churn = plan.churn / n
+    if churn > nc.max_incremental_fraction:
+        return full(f"{plan.churn} of {n} tracks added, changed or removed: over "
+                    f"neighbors.max_incremental_fraction = {nc.max_incremental_fraction}")
+    dead = len(plan.dead_rows) / (len(alive) + len(plan.add_pos))
+    if dead > nc.rebuild_dead_fraction:
+        return full(f"{dead:.1%} of the index's rows would be dead: over neighbors.rebuild_dead_fraction = "
+                    f"{nc.rebuild_dead_fraction}")
+    published = warehouse.read("similar_tracks", EqualTo("model_version", version),
+                               columns=["track_id", "neighbor_track_id", "rank", "score"])
+    owners = pc.unique(published["track_id"])
+    alive_ids = pc.take(rows["track_id"], pa.array(np.flatnonzero(alive)))
+    if len(owners) != len(alive_ids) or not pc.all(pc.is_in(alive_ids, value_set=owners)).as_py():
+        # e.g. a run that committed its lists and died before exporting its index
+        return full("the published lists and the exported index disagree")
+    prev_neighbors, prev_scores = nu.previous_lists(published, track_ids, k=nc.k)
+    del published
+    index = ann.index_from_bytes(np.frombuffer(run.storage.read_bytes(next(f for f in files if f.endswith("index.faiss"))),
+                                               dtype=np.uint8))
+    searched = dict(pointer["params"])
+    t0 = time.perf_counter()
+    idx, score, affected, pos_of_row = nu.update_neighbors(
+        index, unit=unit, plan=plan, prev_neighbors=prev_neighbors, prev_scores=prev_scores, k=nc.k,
+        reverse_candidates=nc.reverse_candidates)
+    t1 = time.perf_counter()
+    sample = ann.sample_queries(n, size=nc.recall_queries, seed=nc.seed)
+    recall = ann.recall_at_k(idx[sample], ann.exact_neighbors_of(unit, sample, k=nc.k))
+    t2 = time.perf_counter()
+    if recall < nc.min_recall:
+        return full(f"the updated lists' recall@{nc.k} = {recall:.4f} is below neighbors.min_recall = {nc.min_recall}")
+    report = {"method": method, "params": searched, "recall_at_k": round(recall, 5), "recall_queries": len(sample),
+              "incremental": {"changed": len(plan.changed_pos), "new": len(plan.add_pos) - len(plan.changed_pos),
+                              "removed": len(plan.gone_rows), "searched_again": len(affected),
+                              "dead_rows": len(plan.dead_rows), "index_rows": int(index.ntotal)},
+              "seconds": {"update": round(t1 - t0, 3), "recall": round(t2 - t1, 3)}}
+    row_ids = pa.concat_arrays([rows["track_id"].combine_chunks(), pc.take(track_ids, pa.array(plan.add_pos))])
+    state = _index_rows(row_ids, pos_of_row >= 0,
+                        np.concatenate([rows["vector_hash"].to_numpy(zero_copy_only=False), hashes[plan.add_pos]]))
+    log.info("neighbors: updated the last index: %d changed, %d new, %d removed tracks; %d lists searched again",
+             report["incremental"]["changed"], report["incremental"]["new"], report["incremental"]["removed"],
+             len(affected))
+    return idx, score, report, index, affected, state
 
 
 def run(cfg: Config, ctx: StageContext) -> StageResult:
@@ -224,11 +319,21 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         if method != "exact" and nc.query_tasks:
             ctx.ensure_ray()
             query = _ray_query(tasks=nc.query_tasks, cpus=nc.cpus_per_task)
-        with run.timed("search"):
-            idx, score, report, index = search_all(unit, k=nc.k, method=method, params=params, seed=nc.seed,
-                                                   recall_queries=nc.recall_queries, min_recall=nc.min_recall,
-                                                   max_search_effort=nc.max_search_effort,
-                                                   block_rows=nc.block_rows, query=query)
+        updated = None
+        if method != "exact" and nc.incremental:
+            with run.timed("update"):
+                updated = _update(run, nc, version=version, emb=emb, unit=unit, method=method, params=params,
+                                  warehouse=warehouse)
+        if updated is not None:
+            idx, score, report, index, owners, index_rows = updated
+        else:
+            with run.timed("search"):
+                idx, score, report, index = search_all(unit, k=nc.k, method=method, params=params, seed=nc.seed,
+                                                       recall_queries=nc.recall_queries, min_recall=nc.min_recall,
+                                                       max_search_effort=nc.max_search_effort,
+                                                       block_rows=nc.block_rows, query=query)
+            owners = None
+            index_rows = _index_rows(emb["track_id"], np.ones(n, bool), ann.row_hashes(unit)) if index is not None else None
         run.manifest.index = report  # in the manifest whether the run goes on or fails here
         if method != "exact":
             log.info("neighbors: %s recall@%d = %.4f on %d exact queries (min %.2f)", method, nc.k,
@@ -242,14 +347,14 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                     f"(tried {[t[key] for t in report['effort_tries']]}); nothing committed. Allow more effort "
                     f"(neighbors.max_search_effort), build a denser index (neighbors.index_params, e.g. m or nlist) "
                     f"or set neighbors.exact_max_tracks above {n}")
-        rows = _similar_rows(emb["track_id"], idx, score, version=version)
+        rows = _similar_rows(emb["track_id"], idx, score, version=version, owners=owners)
         with run.timed("commit"):
             committed = run.committed("similar_tracks", warehouse.upsert("similar_tracks", rows, run_id=run.run_id))
         if index is not None and nc.export_index:
             with run.timed("export"):
-                outputs["index"] = _export_index(run, index, emb["track_id"], version=version, report=report,
-                                                 meta={"tracks": n, "dim": int(unit.shape[1]), "k": nc.k,
-                                                       "vector": nc.vector, "faiss": faiss.__version__})
+                outputs["index"] = _export_index(run, index, index_rows, version=version, report=report,
+                                                 meta={"tracks": n, "index_rows": int(index.ntotal), "dim": int(unit.shape[1]),
+                                                       "k": nc.k, "vector": nc.vector, "faiss": faiss.__version__})
         counts = {"tracks": n, "k": idx.shape[1], "rows": rows.num_rows}
         log.info("neighbors: %s %d tracks × %d neighbours for %s", "committed" if committed else "unchanged:",
                  n, idx.shape[1], version)
