@@ -11,11 +11,11 @@ published, an update
    dead row stays in the graph and is excluded from every result), a changed or new track's
    vector is added as a new row;
 2. **finds whose list can change** (:func:`affected_positions`): the changed and new tracks
-   themselves; every track whose list holds a changed or gone track; and every track that a
-   changed or new vector now outranks — found by searching that vector's own
+   themselves and every track whose list holds a changed or gone track are searched again; a
+   track that a changed or new vector now outranks — found by searching that vector's own
    ``reverse_candidates`` nearest tracks (similarity is symmetric) and comparing with each one's
-   current k-th score;
-3. searches only those tracks again; every other list stays as published.
+   current k-th score — only gains members, merged into its list (:func:`merge_entries`);
+3. every other list stays as published.
 
 The reverse step is approximate in the way the index is: a track that should now list a new
 vector but is not among that vector's ``reverse_candidates`` nearest keeps its old list. The
@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 
 from deepcontent.embed import ann
 
-__all__ = ["UpdatePlan", "affected_positions", "plan_update", "previous_lists", "update_neighbors"]
+__all__ = ["UpdatePlan", "affected_positions", "merge_entries", "plan_update", "previous_lists", "update_neighbors"]
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,8 @@ def previous_lists(rows: pa.Table, track_ids: pa.Array, *, k: int) -> tuple[np.n
 
 
 def affected_positions(*, prev_neighbors: np.ndarray, prev_scores: np.ndarray, plan: UpdatePlan,
-                       reverse_neighbors: np.ndarray, reverse_scores: np.ndarray) -> np.ndarray:
-    """The tracks whose list must be searched again.
+                       reverse_neighbors: np.ndarray, reverse_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tracks whose list must change, and how.
 
     Parameters
     ----------
@@ -162,32 +162,74 @@ def affected_positions(*, prev_neighbors: np.ndarray, prev_scores: np.ndarray, p
 
     Returns
     -------
-    positions : np.ndarray [shape=(m,), dtype=int64], sorted
-        ``plan.add_pos``; every track listing a changed or gone track (or listing nothing: a
-        track the last run did not cover); every track that some added vector outranks (its
-        similarity above the track's current k-th score).
+    search : np.ndarray [shape=(s,), dtype=int64], sorted
+        Lists to search again: ``plan.add_pos``, every track listing a changed or gone track,
+        and every track the last run did not list.
+    entered : np.ndarray [shape=(e,), dtype=int64], sorted
+        The other tracks that some added vector outranks (its similarity above the track's
+        current k-th score): their lists only gain members, merged by :func:`merge_entries`.
     """
     n = prev_neighbors.shape[0]
-    hit = np.zeros(n, bool)
-    hit[plan.add_pos] = True
+    search = np.zeros(n, bool)
+    search[plan.add_pos] = True
     stale = np.zeros(n + 2, bool)  # shifted by 2: -2 (gone) and -1 (none) index the first slots
     stale[plan.changed_pos + 2] = True
     stale[0] = True
-    hit |= stale[prev_neighbors + 2].any(axis=1)
-    hit |= (prev_neighbors == -1).all(axis=1) if prev_neighbors.shape[1] else False
+    if prev_neighbors.shape[1]:
+        search |= stale[prev_neighbors + 2].any(axis=1)
+        search |= (prev_neighbors == -1).all(axis=1)
+    entered = np.zeros(n, bool)
     if reverse_neighbors.size:
         kth = prev_scores[:, -1] if prev_scores.shape[1] else np.full(n, -np.inf, np.float32)
         found = reverse_neighbors >= 0
         u = reverse_neighbors[found]
-        outranks = reverse_scores[found] > kth[u]
-        hit[u[outranks]] = True
-    return np.flatnonzero(hit).astype(np.int64)
+        entered[u[reverse_scores[found] > kth[u]]] = True
+    return np.flatnonzero(search).astype(np.int64), np.flatnonzero(entered & ~search).astype(np.int64)
+
+
+def merge_entries(*, prev_neighbors: np.ndarray, prev_scores: np.ndarray, owners: np.ndarray,
+                  entries: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The lists of ``owners`` with new members merged in: the top ``k`` of the old list and the
+    entries, most similar first, ties by position (as the searches order them).
+
+    Parameters
+    ----------
+    prev_neighbors, prev_scores : np.ndarray [shape=(n, k)]
+    owners : np.ndarray [shape=(m,), dtype=int64]
+        The lists to merge into.
+    entries : (owner, neighbor, score) arrays [shape=(p,)]
+        Candidate members; those of other owners are ignored.
+
+    Returns
+    -------
+    neighbors, scores : np.ndarray [shape=(m, k)]
+    """
+    k = prev_neighbors.shape[1]
+    owner, other, score = entries
+    mine = np.isin(owner, owners)
+    row_of = np.full(prev_neighbors.shape[0], -1, np.int64)
+    row_of[owners] = np.arange(len(owners))
+    rows = np.concatenate([np.repeat(np.arange(len(owners)), k), row_of[owner[mine]]])
+    cand = np.concatenate([prev_neighbors[owners].ravel(), other[mine]])
+    cand_score = np.concatenate([prev_scores[owners].ravel(), score[mine]]).astype(np.float32)
+    keep = cand >= 0
+    rows, cand, cand_score = rows[keep], cand[keep], cand_score[keep]
+    order = np.lexsort((cand, -cand_score, rows))
+    rows, cand, cand_score = rows[order], cand[order], cand_score[order]
+    start = np.searchsorted(rows, np.arange(len(owners)))
+    rank = np.arange(len(rows)) - start[rows]
+    top = rank < k
+    neighbors = np.full((len(owners), k), -1, np.int64)
+    scores = np.full((len(owners), k), -np.inf, np.float32)
+    neighbors[rows[top], rank[top]] = cand[top]
+    scores[rows[top], rank[top]] = cand_score[top]
+    return neighbors, scores
 
 
 def update_neighbors(index, *, unit: np.ndarray, plan: UpdatePlan, prev_neighbors: np.ndarray,
                      prev_scores: np.ndarray, k: int, reverse_candidates: int,
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Add the plan's vectors to ``index`` (in place) and recompute the affected lists.
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Add the plan's vectors to ``index`` (in place) and bring the lists up to date.
 
     Parameters
     ----------
@@ -205,12 +247,14 @@ def update_neighbors(index, *, unit: np.ndarray, plan: UpdatePlan, prev_neighbor
     Returns
     -------
     neighbors : np.ndarray [shape=(n, min(k, n - 1)), dtype=int64]
-        Positions; the affected rows searched again, the others as published.
+        Positions; the affected rows up to date, the others as published.
     scores : np.ndarray [shape=(n, min(k, n - 1)), dtype=float32]
     affected : np.ndarray [shape=(m,), dtype=int64]
-        The positions searched again (the only lists that can differ from the published ones).
+        The positions whose list may differ from the published one (searched again or merged).
     pos_of_row : np.ndarray [shape=(index.ntotal,), dtype=int64]
         The position of each index row's track after the update (-1 for a dead row).
+    searched : int
+        How many of ``affected`` were searched again (the rest had members merged in).
     """
     n = unit.shape[0]
     kk = min(k, n - 1)
@@ -229,8 +273,14 @@ def update_neighbors(index, *, unit: np.ndarray, plan: UpdatePlan, prev_neighbor
 
     reverse_neighbors, reverse_scores = search(plan.add_pos, min(reverse_candidates, n - 1))
     prev_neighbors, prev_scores = prev_neighbors[:, :kk], prev_scores[:, :kk]
-    affected = affected_positions(prev_neighbors=prev_neighbors, prev_scores=prev_scores, plan=plan,
-                                  reverse_neighbors=reverse_neighbors, reverse_scores=reverse_scores)
+    again, entered = affected_positions(prev_neighbors=prev_neighbors, prev_scores=prev_scores, plan=plan,
+                                        reverse_neighbors=reverse_neighbors, reverse_scores=reverse_scores)
     neighbors, scores = prev_neighbors.copy(), prev_scores.copy()
-    neighbors[affected], scores[affected] = search(affected, kk)
-    return neighbors, scores, affected, pos_of_row
+    neighbors[again], scores[again] = search(again, kk)
+    # Similarity is symmetric: the added vector v found u at score s, so v enters u's list at s.
+    found = reverse_neighbors >= 0
+    added = np.broadcast_to(plan.add_pos[:, None], reverse_neighbors.shape)
+    entries = (reverse_neighbors[found], added[found], reverse_scores[found])
+    neighbors[entered], scores[entered] = merge_entries(prev_neighbors=prev_neighbors, prev_scores=prev_scores,
+                                                        owners=entered, entries=entries)
+    return neighbors, scores, np.union1d(again, entered), pos_of_row, len(again)

@@ -258,7 +258,7 @@ def _update(run: StageRun, nc, *, version: str, emb: pa.Table, unit: np.ndarray,
                                                dtype=np.uint8))
     searched = dict(pointer["params"])
     t0 = time.perf_counter()
-    idx, score, affected, pos_of_row = nu.update_neighbors(
+    idx, score, affected, pos_of_row, searched_again = nu.update_neighbors(
         index, unit=unit, plan=plan, prev_neighbors=prev_neighbors, prev_scores=prev_scores, k=nc.k,
         reverse_candidates=nc.reverse_candidates)
     t1 = time.perf_counter()
@@ -269,15 +269,16 @@ def _update(run: StageRun, nc, *, version: str, emb: pa.Table, unit: np.ndarray,
         return full(f"the updated lists' recall@{nc.k} = {recall:.4f} is below neighbors.min_recall = {nc.min_recall}")
     report = {"method": method, "params": searched, "recall_at_k": round(recall, 5), "recall_queries": len(sample),
               "incremental": {"changed": len(plan.changed_pos), "new": len(plan.add_pos) - len(plan.changed_pos),
-                              "removed": len(plan.gone_rows), "searched_again": len(affected),
+                              "removed": len(plan.gone_rows), "lists_changed": len(affected),
+                              "searched_again": searched_again,
                               "dead_rows": len(plan.dead_rows), "index_rows": int(index.ntotal)},
               "seconds": {"update": round(t1 - t0, 3), "recall": round(t2 - t1, 3)}}
     row_ids = pa.concat_arrays([rows["track_id"].combine_chunks(), pc.take(track_ids, pa.array(plan.add_pos))])
     state = _index_rows(row_ids, pos_of_row >= 0,
                         np.concatenate([rows["vector_hash"].to_numpy(zero_copy_only=False), hashes[plan.add_pos]]))
-    log.info("neighbors: updated the last index: %d changed, %d new, %d removed tracks; %d lists searched again",
-             report["incremental"]["changed"], report["incremental"]["new"], report["incremental"]["removed"],
-             len(affected))
+    log.info("neighbors: updated the last index: %d changed, %d new, %d removed tracks; %d lists updated "
+             "(%d searched again)", report["incremental"]["changed"], report["incremental"]["new"],
+             report["incremental"]["removed"], len(affected), searched_again)
     return idx, score, report, index, affected, state
 
 
