@@ -243,3 +243,19 @@ def test_descriptor_correlations_recover_planted_dimensions():
     assert got["constant"]["dim"] is None and math.isnan(got["constant"]["r"])
     with pytest.raises(ValueError, match=r"descriptor 'x' has shape \(3,\), expected \(200,\)"):
         descriptor_correlations(E, {"x": np.ones(3)})
+
+
+def test_svm_fits_that_stop_at_max_iter_are_counted_not_printed(monkeypatch):
+    import warnings
+
+    from deepcontent.evaluate import transfer
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 40)), np.repeat([0, 1, 2], 20)
+    monkeypatch.setattr(transfer, "_MAX_ITER", 1)  # liblinear cannot converge in one iteration
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning that escapes fails the test
+        result = nested_cv_svm_accuracy(X, y, folds=3, inner_folds=2, Cs=(1.0, 10.0))
+    assert result["svm_fits_not_converged"] > 0
+    monkeypatch.setattr(transfer, "_MAX_ITER", 5000)
+    assert nested_cv_svm_accuracy(X, y, folds=3, inner_folds=2, Cs=(0.01,))["svm_fits_not_converged"] == 0

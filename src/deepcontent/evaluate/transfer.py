@@ -41,6 +41,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut, StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
 __all__ = [
@@ -94,6 +95,8 @@ PROTOCOL_NOTES: dict[str, str] = {
     "kmeans": "spherical K-means (PCA-whitened 4-frame windows, max-pooled activations) fitted, for the SVMs, on "
               "each outer fold's training clips only (the inner loop reuses it); for the 1-NN, on every clip "
               "(unsupervised, no label seen)",
+    "svm_fits_not_converged": "liblinear fits (every inner-grid fit and refit) that stopped at the iteration limit "
+                              "before converging, usually at the largest C: counted here instead of printed",
     "excerpts": "features of transfer.excerpts_per_track excerpts of transfer.excerpt_seconds from the middle of each "
                 "track, averaged per track",
 }
@@ -102,6 +105,28 @@ PROTOCOL_NOTES: dict[str, str] = {
 #: returns ``(n, d)`` features of *every* clip, whatever it learns unsupervised (a K-means
 #: dictionary) learnt from those training clips only; the held-out fold never reaches it.
 FoldFeatures = Callable[[np.ndarray], np.ndarray]
+
+
+class _NotConverged:
+    """Counts liblinear's "failed to converge" warnings instead of printing them (a grid point
+    with a large C on a few hundred clips often stops at max_iter; one line per fit would flood
+    the console); other warnings pass through. ``count`` goes into the result."""
+
+    def __enter__(self):
+        self._cm = warnings.catch_warnings(record=True)
+        self._caught = self._cm.__enter__()
+        warnings.simplefilter("always", ConvergenceWarning)
+        self.count = 0
+        return self
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+        for w in self._caught:
+            if issubclass(w.category, ConvergenceWarning):
+                self.count += 1
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return False
 
 
 def _svm(C: float, seed: int) -> LinearSVC:
@@ -400,37 +425,38 @@ def _nested_cv(feature_sets: list, labels, *, folds: int, inner_folds: int, Cs, 
                 "folds_missing_a_test_class": 0}
     per_fold, chosen = [], []
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    for train, test in outer:
-        scores, cs_fold = [], []
-        ytr = y[train]
-        inner = _inner_splits(ytr, None if g is None else g[train], inner_folds=inner_folds, seed=seed)
-        for f, name in zip(Xs, names):
-            X = _fold_features(f, train, len(y), name)
-            if len(np.unique(ytr)) < 2:
-                model, c = _OneClass(ytr[0]), cs[0]
-            elif not inner:  # nothing to choose C on (one group, or one class, in every inner split)
-                model = make_pipeline(StandardScaler(), _svm(cs[0], seed)).fit(X[train], ytr)
-                c = cs[0]
-            else:
-                model = GridSearchCV(
-                    make_pipeline(StandardScaler(), _svm(1.0, seed)),
-                    {"linearsvc__C": list(cs)},
-                    cv=inner,
-                    scoring="accuracy",
-                    refit=True,
-                    n_jobs=1,
-                )
-                model.fit(X[train], ytr)
-                c = float(model.best_params_["linearsvc__C"])
-            scores.append(_class_scores(model, X[test], classes))
-            cs_fold.append(float(c))
-        fused = late_fusion(scores) if len(scores) > 1 else scores[0]
-        pred = classes[np.argmax(fused, axis=1)]
-        per_fold.append(float(np.mean(pred == y[test])))
-        chosen.append(cs_fold[0] if len(Xs) == 1 else cs_fold)
-        confusion += confusion_matrix(y[test], pred, labels=classes)
-        if g is not None and set(np.unique(y[test]).tolist()) - set(np.unique(ytr).tolist()):
-            info["folds_missing_a_test_class"] += 1
+    with _NotConverged() as not_converged:
+        for train, test in outer:
+            scores, cs_fold = [], []
+            ytr = y[train]
+            inner = _inner_splits(ytr, None if g is None else g[train], inner_folds=inner_folds, seed=seed)
+            for f, name in zip(Xs, names):
+                X = _fold_features(f, train, len(y), name)
+                if len(np.unique(ytr)) < 2:
+                    model, c = _OneClass(ytr[0]), cs[0]
+                elif not inner:  # nothing to choose C on (one group, or one class, in every inner split)
+                    model = make_pipeline(StandardScaler(), _svm(cs[0], seed)).fit(X[train], ytr)
+                    c = cs[0]
+                else:
+                    model = GridSearchCV(
+                        make_pipeline(StandardScaler(), _svm(1.0, seed)),
+                        {"linearsvc__C": list(cs)},
+                        cv=inner,
+                        scoring="accuracy",
+                        refit=True,
+                        n_jobs=1,
+                    )
+                    model.fit(X[train], ytr)
+                    c = float(model.best_params_["linearsvc__C"])
+                scores.append(_class_scores(model, X[test], classes))
+                cs_fold.append(float(c))
+            fused = late_fusion(scores) if len(scores) > 1 else scores[0]
+            pred = classes[np.argmax(fused, axis=1)]
+            per_fold.append(float(np.mean(pred == y[test])))
+            chosen.append(cs_fold[0] if len(Xs) == 1 else cs_fold)
+            confusion += confusion_matrix(y[test], pred, labels=classes)
+            if g is not None and set(np.unique(y[test]).tolist()) - set(np.unique(ytr).tolist()):
+                info["folds_missing_a_test_class"] += 1
     return {
         "mean": float(np.mean(per_fold)),
         "std": float(np.std(per_fold)),
@@ -439,6 +465,7 @@ def _nested_cv(feature_sets: list, labels, *, folds: int, inner_folds: int, Cs, 
         "confusion": confusion.tolist(),
         "classes": classes.tolist(),
         "accuracy": float(np.trace(confusion) / max(int(confusion.sum()), 1)),
+        "svm_fits_not_converged": not_converged.count,
         **info,
     }
 
