@@ -316,10 +316,6 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
 
         log.info("neighbors: %d tracks × %d-d (%s), %s search%s", n, unit.shape[1], version, method,
                  f" ({nc.query_tasks} Ray tasks)" if method != "exact" and nc.query_tasks else "")
-        query = None
-        if method != "exact" and nc.query_tasks:
-            ctx.ensure_ray()
-            query = _ray_query(tasks=nc.query_tasks, cpus=nc.cpus_per_task)
         updated = None
         if method != "exact" and nc.incremental:
             with run.timed("update"):
@@ -328,6 +324,10 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         if updated is not None:
             idx, score, report, index, owners, index_rows = updated
         else:
+            query = None
+            if method != "exact" and nc.query_tasks:
+                ctx.ensure_ray()
+                query = _ray_query(tasks=nc.query_tasks, cpus=nc.cpus_per_task)
             with run.timed("search"):
                 idx, score, report, index = search_all(unit, k=nc.k, method=method, params=params, seed=nc.seed,
                                                        recall_queries=nc.recall_queries, min_recall=nc.min_recall,
