@@ -6,6 +6,7 @@ import datetime as dt
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from deepcontent.datasets import vector_column
 from deepcontent.embed import ann
@@ -185,3 +186,55 @@ def test_a_nightly_updates_the_last_index_and_commits_only_the_lists_that_change
     rows = file_storage.read_parquet(next(f for f in file_storage.published_files(third.outputs["index"])
                                           if f.endswith("ids.parquet")))
     assert rows.num_rows == n + 10 and all(rows["alive"].to_pylist())
+
+
+def _recall_of_table(cfg, storage, ids: list[str], x: np.ndarray, k: int) -> float:
+    lists, _ = _lists(cfg, storage)
+    order = np.argsort(ids)
+    sorted_ids = [ids[i] for i in order]
+    position = {t: i for i, t in enumerate(sorted_ids)}
+    truth, _ = top_k_cosine(ann.unit_rows(x[order]), k=k)
+    assert all(len(set(lists[t])) == len(lists[t]) == k for t in sorted_ids)  # k distinct neighbours each
+    return ann.recall_at_k(np.array([[position[t] for t in lists[tid]] for tid in sorted_ids]), truth)
+
+
+@pytest.mark.parametrize("new_tracks", [0, 10])
+def test_a_nightly_killed_between_commit_and_export_is_repaired_by_the_next_run(file_storage, tmp_path, monkeypatch,
+                                                                                new_tracks):
+    """The lists are committed before the index is exported: a run dying in between leaves the
+    table ahead of the index. The next run must still publish lists of the current vectors —
+    by updating from the old index when the track sets agree, by rebuilding when they do not."""
+    from deepcontent.stages import neighbors as stage
+
+    n, k = 2000, 5
+    cfg = config_for(file_storage, tmp_path, **{"embed.model_version": VERSION, "neighbors.k": k,
+                                                "neighbors.exact_max_tracks": 500, "neighbors.recall_queries": 300})
+    x = clustered(n, seed=8)
+    ids = [f"TR{i:06d}" for i in range(n)]
+    _put(cfg, file_storage, ids, x, [f"h{i}" for i in range(n)])
+    run_stage("neighbors", cfg, file_storage)
+
+    changed = list(range(5, 2000, 200))
+    x_now = x.copy()
+    x_now[changed] = clustered(len(changed), seed=31)
+    new_ids = [f"TS{i:06d}" for i in range(new_tracks)]
+    x_new = clustered(new_tracks, seed=32) if new_tracks else np.zeros((0, x.shape[1]), np.float32)
+    _put(cfg, file_storage, [ids[i] for i in changed] + new_ids, np.vstack([x_now[changed], x_new]),
+         [f"g{i}" for i in range(len(changed) + new_tracks)])
+
+    def die(*args, **kwargs):
+        raise RuntimeError("killed before the export")
+
+    with monkeypatch.context() as m:
+        m.setattr(stage, "_export_index", die)
+        with pytest.raises(RuntimeError, match="killed before the export"):
+            run_stage("neighbors", cfg, file_storage)
+    again = run_stage("neighbors", cfg, file_storage)
+    report = file_storage.read_json(again.manifest_uri)["index"]
+    assert ("incremental" in report) == (new_tracks == 0)  # same tracks: updated; more tracks: rebuilt
+    all_ids, all_x = ids + new_ids, np.vstack([x_now, x_new])
+    assert _recall_of_table(cfg, file_storage, all_ids, all_x, k) >= 0.95
+    rows = file_storage.read_parquet(next(f for f in file_storage.published_files(again.outputs["index"])
+                                          if f.endswith("ids.parquet")))
+    alive = [t for t, a in zip(rows["track_id"].to_pylist(), rows["alive"].to_pylist()) if a]
+    assert sorted(alive) == sorted(all_ids)
