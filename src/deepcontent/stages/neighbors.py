@@ -207,10 +207,11 @@ def _build_params(params: dict, method: str) -> dict:
     return {k: v for k, v in params.items() if k != key}
 
 
-def _update(run: StageRun, nc, *, version: str, emb: pa.Table, unit: np.ndarray, method: str, params: dict,
-            warehouse) -> tuple | None:
+def _update(run: StageRun, nc, *, version: str, emb: pa.Table, unit: np.ndarray, hashes: np.ndarray, method: str,
+            params: dict, warehouse) -> tuple | None:
     """The incremental search (:mod:`deepcontent.embed.neighbor_update`) from the index the last
-    run exported, or None (with the reason logged) where a full search is due."""
+    run exported, or None (with the reason logged) where a full search is due. ``hashes``:
+    :func:`~deepcontent.embed.ann.row_hashes` of ``unit``."""
     from pyiceberg.expressions import EqualTo
 
     from deepcontent.embed import neighbor_update as nu
@@ -232,7 +233,6 @@ def _update(run: StageRun, nc, *, version: str, emb: pa.Table, unit: np.ndarray,
         return full("the exported index predates incremental updates")
     n = unit.shape[0]
     track_ids = emb["track_id"].combine_chunks()
-    hashes = ann.row_hashes(unit)
     alive = rows["alive"].to_numpy(zero_copy_only=False)
     plan = nu.plan_update(row_track_ids=rows["track_id"].combine_chunks(), row_alive=alive,
                           row_hashes=rows["vector_hash"].to_numpy(zero_copy_only=False), track_ids=track_ids,
@@ -256,7 +256,7 @@ def _update(run: StageRun, nc, *, version: str, emb: pa.Table, unit: np.ndarray,
     del published
     index = ann.index_from_bytes(np.frombuffer(run.storage.read_bytes(next(f for f in files if f.endswith("index.faiss"))),
                                                dtype=np.uint8))
-    searched = dict(pointer["params"])
+    index_params = dict(pointer["params"])  # with the search effort the last full run settled on
     t0 = time.perf_counter()
     idx, score, affected, pos_of_row, searched_again = nu.update_neighbors(
         index, unit=unit, plan=plan, prev_neighbors=prev_neighbors, prev_scores=prev_scores, k=nc.k,
@@ -267,7 +267,7 @@ def _update(run: StageRun, nc, *, version: str, emb: pa.Table, unit: np.ndarray,
     t2 = time.perf_counter()
     if recall < nc.min_recall:
         return full(f"the updated lists' recall@{nc.k} = {recall:.4f} is below neighbors.min_recall = {nc.min_recall}")
-    report = {"method": method, "params": searched, "recall_at_k": round(recall, 5), "recall_queries": len(sample),
+    report = {"method": method, "params": index_params, "recall_at_k": round(recall, 5), "recall_queries": len(sample),
               "incremental": {"changed": len(plan.changed_pos), "new": len(plan.add_pos) - len(plan.changed_pos),
                               "removed": len(plan.gone_rows), "lists_changed": len(affected),
                               "searched_again": searched_again,
@@ -317,10 +317,11 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
         log.info("neighbors: %d tracks × %d-d (%s), %s search%s", n, unit.shape[1], version, method,
                  f" ({nc.query_tasks} Ray tasks)" if method != "exact" and nc.query_tasks else "")
         updated = None
+        hashes = ann.row_hashes(unit) if method != "exact" else None  # what the exported index records
         if method != "exact" and nc.incremental:
             with run.timed("update"):
-                updated = _update(run, nc, version=version, emb=emb, unit=unit, method=method, params=params,
-                                  warehouse=warehouse)
+                updated = _update(run, nc, version=version, emb=emb, unit=unit, hashes=hashes, method=method,
+                                  params=params, warehouse=warehouse)
         if updated is not None:
             idx, score, report, index, owners, index_rows = updated
         else:
@@ -334,7 +335,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                                                        max_search_effort=nc.max_search_effort,
                                                        block_rows=nc.block_rows, query=query)
             owners = None
-            index_rows = _index_rows(emb["track_id"], np.ones(n, bool), ann.row_hashes(unit)) if index is not None else None
+            index_rows = _index_rows(emb["track_id"], np.ones(n, bool), hashes) if index is not None else None
         run.manifest.index = report  # in the manifest whether the run goes on or fails here
         if method != "exact":
             log.info("neighbors: %s recall@%d = %.4f on %d exact queries (min %.2f)", method, nc.k,
