@@ -172,3 +172,96 @@ def test_incremental_reruns_and_added_tracks(s3_storage, tmp_path, spark):
     now = {r["track_id"]: r["audio_sha256"] for r in read_spectrograms(storage, columns=["track_id", "audio_sha256"]).to_pylist()}
     assert len(now) == 30 and now[track["track_id"]] != old[track["track_id"]]
     assert {t: s for t, s in now.items() if t != track["track_id"]} == {t: s for t, s in old.items() if t != track["track_id"]}
+
+
+# ----------------------------------------------------------------------------- byte identity
+def _reference_clips() -> dict[str, bytes]:
+    """Three fixed clips, one per decode path: 44.1 kHz stereo WAV (resampled), 22.05 kHz mono
+    FLAC (not resampled), 48 kHz stereo MP3 (mpg123, resampled)."""
+    rng = np.random.default_rng(20261207)
+    out = {}
+    for name, sr, channels, fmt, subtype in (("wav", 44100, 2, "WAV", "PCM_16"), ("flac", 22050, 1, "FLAC", "PCM_16"),
+                                             ("mp3", 48000, 2, "MP3", "MPEG_LAYER_III")):
+        t = np.arange(int(sr * 3.0)) / sr
+        tone = 0.3 * np.sin(2 * np.pi * 220.0 * t) * (1 + 0.5 * np.sin(2 * np.pi * 2.0 * t))
+        y = np.stack([tone + 0.05 * rng.standard_normal(t.size) for _ in range(channels)], axis=1).astype(np.float32)
+        buf = io.BytesIO()
+        sf.write(buf, y, sr, format=fmt, subtype=subtype)
+        out[name] = buf.getvalue()
+    return out
+
+
+# SHA-256 of the float16 mel bytes of each reference clip, as the stage wrote them before its
+# transport and shard writer changed (computed at commit 2b3e925 with the pinned numpy, scipy,
+# soxr and libsndfile): the spectrograms every published catalog holds must not move.
+REFERENCE_MEL_SHA256 = {
+    "wav": "f3944cfa79717111cc1f2f6181587d8d4a0dd9ec89b555f43c208cb1fee76d11",
+    "flac": "aef7965297e00b06a565ee31ca2aa269662c5df3f715e54f13d9f0cf016303f6",
+    "mp3": "90d5ae1b675afce95316154d63ffd963badcfa9bf550c009f0b637b6ef427879",
+}
+
+
+def test_the_job_writes_todays_spectrograms_byte_for_byte(s3_storage, tmp_path, spark):
+    import hashlib
+
+    from deepcontent.audio.features import compute_log_mel
+
+    storage = s3_storage
+    cfg = _catalog(storage, tmp_path, spark, songs=11, **{
+        "spectrograms.compute_fn": "deepcontent.audio.features:compute_log_mel"})
+    tracks = storage.read_dataset(storage.uri(TRACKS)).to_pylist()
+    clips = _reference_clips()
+    for row, data in zip(tracks, clips.values()):
+        storage.write_bytes(row["audio_uri"], data)
+    result = run_stage("spectrograms", cfg, storage, spark)
+    assert result.counts["computed"] == 11
+
+    rows = {r["track_id"]: r for r in read_spectrograms(storage).to_pylist()}
+    for row, name in zip(tracks, clips):
+        assert hashlib.sha256(rows[row["track_id"]]["mel"]).hexdigest() == REFERENCE_MEL_SHA256[name], name
+    settings = cfg.spectrograms.mel_settings()
+    for row in tracks[len(clips):]:  # the generated MP3s: what the pure function computes in-process
+        expected = compute_log_mel(storage.read_bytes(row["audio_uri"]), settings=settings)
+        got = rows[row["track_id"]]
+        assert got["mel"] == expected["mel"].tobytes() and got["n_frames"] == expected["n_frames"]
+        assert got["audio_sha256"] == expected["audio_sha256"]
+
+    # Where each clip's time went, summed over clips, in the run's manifest.
+    manifest = storage.read_json(storage.uri("runs", "spectrograms", f"{result.run_id}.json"))
+    costs = {k: v for k, v in manifest["timings_s"].items() if k.startswith("clip_")}
+    assert set(costs) == {"clip_read", "clip_decode", "clip_resample", "clip_mel", "clip_ipc", "clip_write"}
+    assert costs["clip_decode"] > 0 and costs["clip_mel"] > 0 and costs["clip_write"] > 0
+
+
+def test_spectrogram_table_equals_the_rows_built_one_by_one():
+    from deepcontent.stages.spectrograms import spectrogram_row, spectrogram_table
+
+    rng = np.random.default_rng(3)
+    results = []
+    for i in range(19):  # more than two row groups, clips of different lengths
+        mel = rng.random((4, 5 + i), dtype=np.float32).astype(np.float16)
+        r = {"audio_sha256": f"{i:064x}", "sample_rate": 22050, "hop_length": 512, "n_mels": 4, "n_frames": 5 + i,
+             "mel": mel}
+        if i % 3 == 0:  # HPSS parts on some rows only: nulls elsewhere
+            r["harmonic"], r["percussive"] = mel * 0.5, mel * 0.25
+        results.append((f"T{i:03d}", r))
+    schema = datasets.SPECTROGRAMS.schema
+    expected = pa.Table.from_pylist([spectrogram_row(t, r, "key") for t, r in results], schema=schema)
+    got = spectrogram_table(results, "key", schema=schema)
+    assert got.schema == expected.schema and got.to_pylist() == expected.to_pylist()
+    none = spectrogram_table([(t, {k: v for k, v in r.items() if k not in ("harmonic", "percussive")})
+                              for t, r in results], "key", schema=schema)
+    assert none["harmonic"].null_count == 19 and none["mel"].to_pylist() == expected["mel"].to_pylist()
+
+
+def test_task_groups_are_even_and_fill_every_core():
+    from deepcontent.stages.spectrograms import task_groups
+
+    todo = list(range(1000))
+    groups = task_groups(todo, clips_per_task=64, slots=2)
+    assert len(groups) == 16 and {len(g) for g in groups} == {62, 63}  # not 15 × 64 + 40
+    assert [x for g in groups for x in g] == todo
+    assert [len(g) for g in task_groups(list(range(200)), clips_per_task=64, slots=2)] == [50] * 4
+    assert [len(g) for g in task_groups(list(range(5)), clips_per_task=64, slots=8)] == [1] * 5
+    assert task_groups([], clips_per_task=64, slots=2) == []
+    assert [len(g) for g in task_groups(list(range(130)), clips_per_task=64, slots=1)] == [43, 43, 44]

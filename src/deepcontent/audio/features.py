@@ -30,6 +30,7 @@ import hashlib
 import io
 import math
 import os
+import time
 from typing import Iterator
 
 import numpy as np
@@ -628,8 +629,11 @@ def compute_log_mel(data: bytes, *, settings: MelSettings) -> dict:
         ``"mel"``: np.ndarray [shape=(n_mels, n_frames), dtype=float16, C-contiguous];
         ``"n_frames"``: int; ``"sample_rate"``, ``"hop_length"``, ``"n_mels"``: int (from
         ``settings``); ``"audio_sha256"``: str, hex SHA-256 of ``data``; ``"settings_key"``:
-        str, ``settings.key()``; ``"source_sample_rate"``: int, the file's own rate; and with
-        ``settings.hpss`` also ``"harmonic"`` and ``"percussive"``, float16 like ``"mel"``.
+        str, ``settings.key()``; ``"source_sample_rate"``: int, the file's own rate;
+        ``"seconds"``: dict of wall seconds spent in ``"decode"`` (hash, decode, downmix),
+        ``"resample"`` and ``"mel"`` (STFT, filterbank, log, float16; HPSS included), the
+        per-clip cost breakdown the job reports; and with ``settings.hpss`` also
+        ``"harmonic"`` and ``"percussive"``, float16 like ``"mel"``.
 
     Raises
     ------
@@ -641,8 +645,10 @@ def compute_log_mel(data: bytes, *, settings: MelSettings) -> dict:
     """
     if not isinstance(settings, MelSettings):
         raise TypeError(f"settings must be MelSettings, got {type(settings).__name__}")
+    t0 = time.perf_counter()
     digest = hashlib.sha256(data).hexdigest() if isinstance(data, (bytes, bytearray, memoryview)) else None
     y, sr = decode_mono(data, max_seconds=settings.max_seconds, min_decoded_fraction=settings.min_decoded_fraction)
+    t1 = time.perf_counter()
     target = settings.sample_rate
     if y.size * target // sr < settings.n_fft:
         raise AudioError(
@@ -657,6 +663,7 @@ def compute_log_mel(data: bytes, *, settings: MelSettings) -> dict:
     if rms < SILENCE_RMS:
         raise AudioError("silent", f"RMS {rms:.3g} is below the silence floor {SILENCE_RMS:g} ({y.size / sr:.1f} s)")
     y = resample(y, orig_sr=sr, target_sr=target)
+    t2 = time.perf_counter()
     if y.size < settings.n_fft:
         raise AudioError("too_short", f"{y.size} samples at {target} Hz is less than n_fft={settings.n_fft}")
     if settings.hpss:  # one STFT for all three spectrograms
@@ -679,6 +686,7 @@ def compute_log_mel(data: bytes, *, settings: MelSettings) -> dict:
     if settings.hpss:
         result["harmonic"] = _to_float16(harmonic)
         result["percussive"] = _to_float16(percussive)
+    result["seconds"] = {"decode": t1 - t0, "resample": t2 - t1, "mel": time.perf_counter() - t2}
     return result
 
 

@@ -23,6 +23,10 @@ Datasets (under the storage root):
     ``too_long``, ``too_short``, ``timeout``, ``crashed``, ``unreadable``): stage, source (the
     audio URI), reason, detail, run_id.
 
+The manifest's ``timings_s`` holds, besides ``plan``, ``compute`` and ``publish``, the clips'
+summed costs ``clip_read``, ``clip_decode``, ``clip_resample``, ``clip_mel``, ``clip_ipc`` and
+``clip_write`` (:data:`CLIP_COSTS`): where a run's time went, clip by clip.
+
 When a track's audio changes, the shard holding its old spectrogram is rewritten without it
 (copy on write), so readers of the published version always see one row per track. If more
 than ``spectrograms.max_quarantine_fraction`` of the clips processed in a run fail, the run
@@ -32,6 +36,7 @@ publishes the quarantine (and nothing else) and raises, naming the count and the
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter
 
 import numpy as np
@@ -47,12 +52,19 @@ from deepcontent.manifest import log
 from deepcontent.stages.base import QuarantineCheck, StageContext, StageResult, StageRun
 from deepcontent.storage import Storage, join
 
-__all__ = ["STAGE", "decode_task", "run", "spectrogram_row"]
+__all__ = ["CLIP_COSTS", "STAGE", "decode_task", "run", "spectrogram_row", "spectrogram_table"]
 
 STAGE = "spectrograms"
 QUARANTINE = datasets.quarantine(STAGE)
+# What one clip costs in its task, in wall seconds, summed into the manifest's ``timings_s`` as
+# ``clip_<cost>``: reading the object, decoding + downmixing, resampling, the mel spectrogram,
+# the round trip to the isolated decoder beyond its own work (pickles, pipe), and building +
+# writing its shard's rows (the shard's time shared by its clips).
+CLIP_COSTS = ("read", "decode", "resample", "mel", "ipc", "write")
 _TASK_DDL = ("track_id string, audio_uri string, audio_size long, audio_modified string, audio_sha256 string, "
-             "settings_key string, status string, detail string, shard string, run_id string, attempts int")
+             "settings_key string, status string, detail string, shard string, run_id string, attempts int, "
+             + ", ".join(f"{c}_s double" for c in CLIP_COSTS))
+_TASK_SCHEMA = pa.schema(list(AUDIO_INDEX.schema) + [pa.field(f"{c}_s", pa.float64()) for c in CLIP_COSTS])
 
 
 def spectrogram_row(track_id: str, result: dict, settings_key: str) -> dict:
@@ -66,6 +78,51 @@ def spectrogram_row(track_id: str, result: dict, settings_key: str) -> dict:
         "mel": blob(result["mel"]), "harmonic": blob(result.get("harmonic")), "percussive": blob(result.get("percussive")),
         "settings_key": settings_key,
     }
+
+
+def spectrogram_table(results: list[tuple[str, dict]], settings_key: str, *, schema: pa.Schema) -> pa.Table:
+    """Contract rows of ``(track_id, result)`` pairs as one table, the arrays copied once.
+
+    Equal to ``pa.Table.from_pylist([spectrogram_row(t, r, settings_key) for t, r in results])``
+    but each row group's float16 arrays are concatenated straight into the Arrow buffer of its
+    binary column (no ``bytes`` per clip, no builder copy): one chunk per
+    :data:`~deepcontent.datasets.SHARD_ROW_GROUP` rows, so no chunk nears Arrow's 2 GiB
+    offset limit even for the longest clips.
+    """
+    def blob_column(key: str) -> pa.ChunkedArray:
+        chunks = []
+        for start in range(0, len(results), SHARD_ROW_GROUP):
+            arrays = [r.get(key) for _, r in results[start : start + SHARD_ROW_GROUP]]
+            if all(a is None for a in arrays):
+                chunks.append(pa.nulls(len(arrays), pa.binary()))
+                continue
+            flat = [np.ascontiguousarray(a, dtype=np.float16).reshape(-1) if a is not None else _EMPTY_F16
+                    for a in arrays]
+            offsets = np.zeros(len(flat) + 1, dtype=np.int32)
+            np.cumsum([f.nbytes for f in flat], out=offsets[1:])
+            validity = None
+            if any(a is None for a in arrays):
+                validity = pa.array([a is not None for a in arrays]).buffers()[1]
+            data = np.concatenate(flat).view(np.uint8)
+            chunks.append(pa.BinaryArray.from_buffers(pa.binary(), len(flat), [validity, pa.py_buffer(offsets),
+                                                                                 pa.py_buffer(data)]))
+        return pa.chunked_array(chunks, pa.binary())
+
+    def ints(key: str) -> pa.Array:
+        return pa.array([int(r[key]) for _, r in results], pa.int32())
+
+    columns = {
+        "track_id": pa.array([t for t, _ in results], pa.string()),
+        "audio_sha256": pa.array([r["audio_sha256"] for _, r in results], pa.string()),
+        "sample_rate": ints("sample_rate"), "hop_length": ints("hop_length"), "n_mels": ints("n_mels"),
+        "n_frames": ints("n_frames"),
+        "mel": blob_column("mel"), "harmonic": blob_column("harmonic"), "percussive": blob_column("percussive"),
+        "settings_key": pa.array([settings_key] * len(results), pa.string()),
+    }
+    return pa.table([columns[name] for name in schema.names], schema=schema)
+
+
+_EMPTY_F16 = np.zeros(0, dtype=np.float16)
 
 
 # ----------------------------------------------------------------------------- Spark task
@@ -90,12 +147,12 @@ def decode_task(storage: Storage, *, dataset: Dataset, compute_fn: str, settings
                          memory_limit_mb=sc_cfg.decoder_memory_mb, max_bytes=sc_cfg.max_audio_bytes) as decoder:
             for task in (t for batch in batches for t in batch.column("id").to_pylist()):
                 items = groups[task]
-                rows, index = [], []
+                results, index = [], []
                 for k, data, failure in decoder.fetch([(uri, size) for _, uri, size, _ in items]):
                     track_id, uri, size, modified = items[k]
                     entry = {"track_id": track_id, "audio_uri": uri, "audio_size": size, "audio_modified": modified,
                              "audio_sha256": None, "settings_key": settings_key, "status": "ok", "detail": None,
-                             "shard": None, "run_id": run_id}
+                             "shard": None, "run_id": run_id, "read_s": decoder.last_read_s}
                     index.append(entry)
                     if failure is not None:
                         entry.update(status=failure.reason, detail=failure.detail)
@@ -111,38 +168,64 @@ def decode_task(storage: Storage, *, dataset: Dataset, compute_fn: str, settings
                                      audio_sha256=entry["audio_sha256"] or hashlib.sha256(data).hexdigest())
                     else:
                         entry["audio_sha256"] = result["audio_sha256"]
-                        rows.append(spectrogram_row(track_id, result, settings_key))
-                if rows:
+                        seconds = result.get("seconds") or {}  # a custom compute_fn may not report them
+                        entry.update(decode_s=seconds.get("decode"), resample_s=seconds.get("resample"),
+                                     mel_s=seconds.get("mel"), ipc_s=decoder.last_ipc_s)
+                        results.append((track_id, result))
+                if results:
+                    t0 = time.perf_counter()
                     shard = join(dataset.staging(storage, run_id), f"part-{task:05d}.parquet")
-                    storage.write_parquet(pa.Table.from_pylist(rows, schema=dataset.schema), shard, compression="none",
-                                          row_group_size=SHARD_ROW_GROUP)
+                    storage.write_parquet(spectrogram_table(results, settings_key, schema=dataset.schema), shard,
+                                          compression="none", row_group_size=SHARD_ROW_GROUP)
+                    write_s = (time.perf_counter() - t0) / len(results)
                     for e in index:
                         if e["status"] == "ok":
-                            e["shard"] = shard
-                yield pa.RecordBatch.from_pylist(index, schema=AUDIO_INDEX.schema)
+                            e.update(shard=shard, write_s=write_s)
+                yield pa.RecordBatch.from_pylist(index, schema=_TASK_SCHEMA)
 
     return run
 
 
+def task_groups(todo: list, *, clips_per_task: int, slots: int) -> list[list]:
+    """``todo`` cut into contiguous groups of at most ``clips_per_task``, as equal as possible,
+    their number rounded up to a multiple of ``slots`` (the cores running tasks): the last wave
+    of tasks then keeps every core busy instead of one core finishing a full group while the
+    others wait on a short one.
+
+    >>> [len(g) for g in task_groups(list(range(200)), clips_per_task=64, slots=2)]
+    [50, 50, 50, 50]
+    """
+    n = len(todo)
+    if n == 0:
+        return []
+    k = -(-n // clips_per_task)
+    if slots > 1:
+        k = -(-k // slots) * slots
+    k = min(k, n)
+    return [todo[i * n // k : (i + 1) * n // k] for i in range(k)]
+
+
 def decode_on_spark(spark, storage: Storage, *, dataset: Dataset, compute_fn: str, settings, settings_key: str,
-                    sc_cfg, run_id: str, todo: list[tuple], known: dict[str, str]) -> pa.Table:
-    """Run :func:`decode_task` over ``todo`` ``(track_id, uri, size, modified)`` in groups of
-    ``spectrograms.clips_per_task``; returns the audio-index rows of every clip."""
+                    sc_cfg, run_id: str, todo: list[tuple], known: dict[str, str]) -> tuple[pa.Table, dict[str, float]]:
+    """Run :func:`decode_task` over ``todo`` ``(track_id, uri, size, modified)`` in groups of at
+    most ``spectrograms.clips_per_task`` (:func:`task_groups`); returns the audio-index rows of
+    every clip and the clips' summed costs, ``{"clip_read": seconds, ...}`` (:data:`CLIP_COSTS`)."""
     from deepcontent.hooks import check_hook
 
     check_hook(compute_fn, field="spectrograms.compute_fn")  # in the driver, before any task starts
-    per = sc_cfg.clips_per_task
-    groups = [todo[i : i + per] for i in range(0, len(todo), per)]
+    groups = task_groups(todo, clips_per_task=sc_cfg.clips_per_task, slots=spark.sparkContext.defaultParallelism)
     # The tasks' inputs travel as one broadcast and Spark only ships task numbers
     # (spark.range is generated in the JVM): no Python stage to turn rows into a DataFrame.
     bc = spark.sparkContext.broadcast({"known": known, "groups": groups})
     try:
-        df = spark.range(0, len(groups), numPartitions=len(groups))
+        df = spark.range(0, len(groups), numPartitions=max(1, len(groups)))
         task = decode_task(storage, dataset=dataset, compute_fn=compute_fn, settings=settings,
                            settings_key=settings_key, sc_cfg=sc_cfg, run_id=run_id, inputs_bc=bc)
-        return df.mapInArrow(task, _TASK_DDL).toArrow().cast(AUDIO_INDEX.schema)
+        out = df.mapInArrow(task, _TASK_DDL).toArrow()
     finally:
         bc.unpersist()
+    costs = {f"clip_{c}": round(float(pc.sum(out[f"{c}_s"]).as_py() or 0.0), 3) for c in CLIP_COSTS}
+    return out.select(AUDIO_INDEX.schema.names).cast(AUDIO_INDEX.schema), costs
 
 
 # ----------------------------------------------------------------------------- driver
@@ -212,9 +295,11 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                  if r["settings_key"] == settings_key}
 
         with run.timed("compute"):
-            results = (decode_on_spark(ctx.spark, storage, dataset=SPECTROGRAMS, compute_fn=sc_cfg.compute_fn,
-                                       settings=settings, settings_key=settings_key, sc_cfg=sc_cfg, run_id=run.run_id,
-                                       todo=todo, known=known) if todo else AUDIO_INDEX.schema.empty_table())
+            results, costs = (decode_on_spark(ctx.spark, storage, dataset=SPECTROGRAMS, compute_fn=sc_cfg.compute_fn,
+                                              settings=settings, settings_key=settings_key, sc_cfg=sc_cfg,
+                                              run_id=run.run_id, todo=todo, known=known)
+                              if todo else (AUDIO_INDEX.schema.empty_table(), {}))
+            run.manifest.timings_s.update(costs)
             results = _count_attempts(results, index)
 
         status = Counter(results["status"].to_pylist())

@@ -93,10 +93,11 @@ def publish_waveforms(cfg: Config, ctx: StageContext, *, track_ids: list[str]) -
                                "fingerprint": fingerprint}
         log.info("waveforms: run %s — decoding %d tracks at %d Hz", run.run_id, len(rows), sc.sample_rate)
         with run.timed("decode"):
-            results = decode_on_spark(ctx.spark, storage, dataset=WAVEFORMS, compute_fn=COMPUTE_FN,
+            results, costs = decode_on_spark(ctx.spark, storage, dataset=WAVEFORMS, compute_fn=COMPUTE_FN,
                                       settings=sc.mel_settings(), settings_key=waveform_key(sc.sample_rate),
                                       sc_cfg=sc, run_id=run.run_id, todo=[(t, u, size, None) for t, u, _, size in rows],
                                       known={})
+            run.manifest.timings_s.update(costs)
         failed = results.filter(pc.not_equal(results["status"], "ok"))
         decode_failures = {t: f"{st}: {d}"[:300] for t, st, d in zip(*(failed[c].to_pylist()
                                                                          for c in ("track_id", "status", "detail")))}
