@@ -158,3 +158,49 @@ def test_the_finetuned_variant_starts_from_the_evaluations_pretrained_model():
     assert (v.init_from, v.init_registry_root, v.model, v.loss, v.variant) == (
         "pretrain-paper_cnn-abc", "s3://corpus/root", "paper_cnn", "mse", "cnn_finetuned")
     assert variant_config(cfg, "cnn_mse").train.init_from is None
+
+
+@pytest.mark.slow
+def test_pretrain_on_the_real_corpus_learns_to_find_the_other_window(s3_server, spark, ray_local, tmp_path):
+    """The full-corpus run (the first half of scripts/pretrain_experiment.sh): the real-audio
+    corpus from the pinned Debian archive (the .debs cached where scripts/build_real_corpus.sh
+    keeps them; skipped when the archive cannot be reached), its pretraining packages ingested as
+    an audio-only folder catalog, whole-track spectrograms (up to 30 min), `pretrain` with the
+    default objective; registered, with the held-out InfoNCE below chance and top-1 above it."""
+    import shutil
+    import uuid
+    from pathlib import Path
+
+    from deepcontent import corpus as C
+    from deepcontent.registry import registered
+    from deepcontent.storage import Storage
+    from support import config_for, run_stage
+
+    for tool in ("apt-get", "apt-cache", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed: the real-audio corpus needs a Debian machine")
+    repo = Path(__file__).resolve().parents[2]
+    pins = C.read_lock(repo / "scripts" / "real_corpus.lock")
+    try:
+        built = C.build(pins, out=tmp_path / "corpus", jobs=2, log=lambda m: None)
+    except C.ArchiveUnreachable as exc:
+        pytest.skip(f"the Debian archive cannot be reached from here: {exc}")
+    except C.PinUnavailable as exc:
+        pytest.skip(f"this machine's apt sources no longer offer a pinned version: {str(exc).splitlines()[0]}")
+    split = C.split_corpus(built.out, tmp_path / "split", fraction=0.7, seed=0)
+    storage = Storage(f"s3://t-{uuid.uuid4().hex[:12]}/corpus", endpoint_url=s3_server.endpoint_url,
+                      credentials=s3_server.credentials)
+    storage.ensure_root()
+    cfg = config_for(storage, tmp_path, **{"sources.catalog": "folder",
+                                          "sources.audio": (tmp_path / "split" / "pretrain").as_uri(),
+                                          "spectrograms.max_seconds": 1800, "pretrain.corpus": "debian-70pct"})
+    run_stage("ingest", cfg, storage, spark)
+    spectrograms = run_stage("spectrograms", cfg, storage, spark)
+    assert spectrograms.counts["computed"] == split["tracks"]["pretrain"] and not spectrograms.quarantined
+    result = run_stage("pretrain", cfg, storage)
+    assert result.published
+    meta = registered(storage, result.model_version)
+    batch = cfg.pretrain.batch_size
+    assert meta["metrics"]["valid_loss"] < math.log(2 * batch - 1)  # chance: the other view among 2B - 1
+    assert meta["metrics"]["valid_top1"] > 1 / (2 * batch - 1)
+    assert meta["counts"]["clips"] == split["tracks"]["pretrain"]
