@@ -119,6 +119,8 @@ def train_once(storage: Storage, root: str, *, cache_bytes: int, seed: int, args
             "train": curve[-1]["cache"]["train"], "valid": curve[-1]["cache"]["valid"],
             "clip_bytes_held": curve[-1]["cache"]["clip_bytes_held"],
             "worker_peak_rss_gib": round(max(h["worker_peak_rss_bytes"] for h in curve) / 2**30, 3),
+            # the peak so far at the end of each epoch: epoch 0's is the load's (or the first epoch's)
+            "worker_peak_rss_gib_by_epoch": [round(h["worker_peak_rss_bytes"] / 2**30, 3) for h in curve],
             "samples_per_s": round(float(np.median([h["samples_per_s"] for h in curve])), 1),
             "ingest_s": curve[0]["load_s"], "stage_s": round(time.perf_counter() - t0, 1)}
 
