@@ -233,8 +233,22 @@ def test_the_job_writes_todays_spectrograms_byte_for_byte(s3_storage, tmp_path, 
     assert costs["clip_decode"] > 0 and costs["clip_mel"] > 0 and costs["clip_write"] > 0
 
 
+def spectrogram_row(track_id: str, result: dict, settings_key: str) -> dict:
+    """The contract row of one result, built field by field: the reference the stage's
+    table builder is checked against."""
+    def blob(a):
+        return None if a is None else np.ascontiguousarray(a, dtype=np.float16).tobytes()
+
+    return {
+        "track_id": track_id, "audio_sha256": result["audio_sha256"], "sample_rate": int(result["sample_rate"]),
+        "hop_length": int(result["hop_length"]), "n_mels": int(result["n_mels"]), "n_frames": int(result["n_frames"]),
+        "mel": blob(result["mel"]), "harmonic": blob(result.get("harmonic")), "percussive": blob(result.get("percussive")),
+        "settings_key": settings_key,
+    }
+
+
 def test_spectrogram_table_equals_the_rows_built_one_by_one():
-    from deepcontent.stages.spectrograms import spectrogram_row, spectrogram_table
+    from deepcontent.stages.spectrograms import spectrogram_table
 
     rng = np.random.default_rng(3)
     results = []

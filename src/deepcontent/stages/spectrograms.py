@@ -52,7 +52,7 @@ from deepcontent.manifest import log
 from deepcontent.stages.base import QuarantineCheck, StageContext, StageResult, StageRun
 from deepcontent.storage import Storage, join
 
-__all__ = ["CLIP_COSTS", "STAGE", "decode_task", "run", "spectrogram_row", "spectrogram_table"]
+__all__ = ["CLIP_COSTS", "STAGE", "decode_task", "run", "spectrogram_table"]
 
 STAGE = "spectrograms"
 QUARANTINE = datasets.quarantine(STAGE)
@@ -67,24 +67,12 @@ _TASK_DDL = ("track_id string, audio_uri string, audio_size long, audio_modified
 _TASK_SCHEMA = pa.schema(list(AUDIO_INDEX.schema) + [pa.field(f"{c}_s", pa.float64()) for c in CLIP_COSTS])
 
 
-def spectrogram_row(track_id: str, result: dict, settings_key: str) -> dict:
-    """One contract row from :func:`compute_log_mel`'s (or :func:`compute_waveform`'s) result."""
-    def blob(a):
-        return None if a is None else np.ascontiguousarray(a, dtype=np.float16).tobytes()
-
-    return {
-        "track_id": track_id, "audio_sha256": result["audio_sha256"], "sample_rate": int(result["sample_rate"]),
-        "hop_length": int(result["hop_length"]), "n_mels": int(result["n_mels"]), "n_frames": int(result["n_frames"]),
-        "mel": blob(result["mel"]), "harmonic": blob(result.get("harmonic")), "percussive": blob(result.get("percussive")),
-        "settings_key": settings_key,
-    }
-
-
 def spectrogram_table(results: list[tuple[str, dict]], settings_key: str, *, schema: pa.Schema) -> pa.Table:
-    """Contract rows of ``(track_id, result)`` pairs as one table, the arrays copied once.
+    """Contract rows of ``(track_id, result)`` pairs as one table, the arrays copied once; a
+    result is :func:`~deepcontent.audio.features.compute_log_mel`'s or
+    :func:`~deepcontent.audio.features.compute_waveform`'s.
 
-    Equal to ``pa.Table.from_pylist([spectrogram_row(t, r, settings_key) for t, r in results])``
-    but each row group's float16 arrays are concatenated straight into the Arrow buffer of its
+    Each row group's float16 arrays are concatenated straight into the Arrow buffer of its
     binary column (no ``bytes`` per clip, no builder copy): one chunk per
     :data:`~deepcontent.datasets.SHARD_ROW_GROUP` rows, so no chunk nears Arrow's 2 GiB
     offset limit even for the longest clips.
