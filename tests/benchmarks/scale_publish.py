@@ -302,6 +302,8 @@ def rehearse(n: int, args) -> dict:
             t0 = time.perf_counter()
             nightly = run_stage("nightly", cfg, ctx)
             nightly_s = time.perf_counter() - t0
+            out["nightly_timings_s"] = {s: storage.read_json(v["manifest"]).get("timings_s")
+                                        for s, v in nightly.details["stages"].items() if v.get("manifest")}
             out["forward_clips_per_s"] = forward_clips_per_s(storage, version, files, clips=min(n, args.forward_clips),
                                                              cfg=cfg)
             out["forward_one_process_clips_per_s"] = forward_one_process_clips_per_s(
@@ -353,6 +355,7 @@ def main(argv=None) -> int:
     result = {
         "tracks": args.tracks, "stages_full_s": full["stages_full_s"], "full_s": full["full_s"],
         "nightly_s": full["nightly_s"], "nightly_stages_s": full["nightly_stages_s"],
+        "nightly_timings_s": full["nightly_timings_s"],
         "nightly_ratio": round(full["nightly_s"] / full["full_s"], 4),
         "embed_ratio": full["embed_ratio"], "embed_clips_per_s": round(full["embed_clips_per_s"], 1),
         "forward_clips_per_s": round(full["forward_clips_per_s"], 1),

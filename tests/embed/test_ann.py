@@ -60,6 +60,40 @@ def test_recall_and_sampling():
     assert (ann.exact_neighbors_of(unit, a, k=5) == exact[a]).all()
 
 
+def test_top_k_columns_prunes_by_group_maxima_and_keeps_the_exact_top_k():
+    rng = np.random.default_rng(4)
+    # Continuous values: the k largest per row, exactly as a full sort gives them. 5,003 columns
+    # make 78 groups of 64 (the pruned path) and a tail of 11 columns that belong to no group.
+    sims = rng.standard_normal((40, 5003)).astype(np.float32)
+    sims[3, 5000] = 9.0  # a winner in the tail
+    sims[4, :] = -np.inf
+    sims[4, [7, 4000]] = 0.0  # fewer finite values than k: then any distinct -inf columns
+    got = ann.top_k_columns(sims, k=10)
+    full = np.lexsort((np.broadcast_to(np.arange(5003), sims.shape), -sims), axis=1)[:, :10]
+    others = np.arange(40) != 4
+    assert (got[others] == full[others]).all() and got[3, 0] == 5000
+    assert got[4, :2].tolist() == [7, 4000] and len(set(got[4].tolist())) == 10
+    # Heavy ties (few distinct values): the values are the top-k values, ordered, ties by column.
+    ties = rng.integers(0, 6, size=(30, 4096)).astype(np.float32)
+    got = ann.top_k_columns(ties, k=12)
+    vals = np.take_along_axis(ties, got, axis=1)
+    assert (vals == -np.sort(-ties, axis=1)[:, :12]).all()
+    assert all(len(set(r)) == 12 for r in got.tolist())
+    assert (np.lexsort((got, -vals), axis=1) == np.arange(12)).all()
+    # Too few groups to prune, and k = n: the whole row sorted.
+    small = rng.standard_normal((3, 50)).astype(np.float32)
+    assert (ann.top_k_columns(small, k=50) == np.argsort(-small, axis=1, kind="stable")).all()
+    with pytest.raises(ValueError, match="got 0"):
+        ann.top_k_columns(small, k=0)
+
+
+def test_exact_neighbors_of_equals_top_k_cosine_on_the_pruned_path():
+    unit = ann.unit_rows(clustered(6000, d=16, seed=5))
+    rows = ann.sample_queries(6000, size=300, seed=1)
+    exact, _ = top_k_cosine(unit, k=10)
+    assert (ann.exact_neighbors_of(unit, rows, k=10, block_bytes=4 * 6000 * 64) == exact[rows]).all()
+
+
 def test_choose_method_and_bad_values():
     assert ann.choose_method(50_000, exact_max_tracks=50_000, index="hnsw") == "exact"
     assert ann.choose_method(50_001, exact_max_tracks=50_000, index="ivf") == "ivf"

@@ -51,7 +51,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
     StageResult
         Whose details hold the summary: ``run_id``, ``status``, ``model_version``, ``new``,
         ``changed``, ``quarantined`` (per stage), ``published`` (stage names), ``stages``
-        (``{name: {"published", "counts", "quarantined", "run_id", "seconds"}}``), ``seconds``
+        (``{name: {"published", "counts", "quarantined", "run_id", "manifest", "seconds"}}``), ``seconds``
         and ``summary_uri`` (the manifest).
     """
     from deepcontent.stages import STAGES, run_stage
@@ -73,7 +73,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                         result = run_stage(name, cfg, ctx)
                 per_stage[name] = {"published": bool(result.published), "counts": result.counts,
                                    "quarantined": result.quarantined, "run_id": result.run_id,
-                                   "seconds": round(time.perf_counter() - t0, 2)}
+                                   "manifest": result.manifest_uri, "seconds": round(time.perf_counter() - t0, 2)}
                 if result.details.get("ray_job_id"):
                     per_stage[name]["ray_job_id"] = result.details["ray_job_id"]
             status = "succeeded"
