@@ -18,6 +18,9 @@ each for ``--seeds`` seeds, same epochs and steps. It reports per run the valida
 samples/s, the cache path each split took and the workers' peak RSS (``ru_maxrss``, the larger
 of the two workers), and the summary: mean ± sd of the NMSE per path, their difference against
 the seed-to-seed sd, and the streaming runs' peak worker RSS against ``cache_bytes + 1 GiB``.
+Per run it also prints rank 0's resident set at each epoch's end by kind (``anon``: private
+memory, clips included; ``file``: mapped libraries; ``shmem``: shared memory the worker touched,
+Ray's object-store pages it read its blocks from).
 
 The last line of output is the JSON result.
 """
@@ -121,6 +124,9 @@ def train_once(storage: Storage, root: str, *, cache_bytes: int, seed: int, args
             "worker_peak_rss_gib": round(max(h["worker_peak_rss_bytes"] for h in curve) / 2**30, 3),
             # the peak so far at the end of each epoch: epoch 0's is the load's (or the first epoch's)
             "worker_peak_rss_gib_by_epoch": [round(h["worker_peak_rss_bytes"] / 2**30, 3) for h in curve],
+            # rank 0's resident set at each epoch's end by kind: private, libraries, shared memory
+            "worker_rss_parts_gib_by_epoch": [{k: round(v / 2**30, 3) for k, v in h.get("worker_rss_parts_bytes", {}).items()}
+                                              for h in curve],
             "samples_per_s": round(float(np.median([h["samples_per_s"] for h in curve])), 1),
             "ingest_s": curve[0]["load_s"], "stage_s": round(time.perf_counter() - t0, 1)}
 

@@ -272,7 +272,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "samples_per_s": samples / train_s if train_s > 0 else float("nan"),
                 "load_s": round(load_s, 4) if epoch == start_epoch else 0.0,
                 "worker_elapsed_s": round(time.perf_counter() - t_start, 4),
-                "cache": cache, "worker_peak_rss_bytes": int(peak_rss),
+                "cache": cache, "worker_peak_rss_bytes": int(peak_rss), "worker_rss_parts_bytes": _rss_parts(),
             }
             history.append(entry)
             metrics = {**entry, "stopped": stopped}
@@ -340,6 +340,22 @@ def _sweep_dead_spills(root: str) -> None:
 def _peak_rss_bytes() -> int:
     """This process's peak resident set (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_parts() -> dict[str, int]:
+    """This process's resident set now, by kind (Linux ``/proc/self/status``): ``anon``
+    (private: torch, clips, Arrow buffers), ``file`` (mapped libraries) and ``shmem`` (shared
+    memory touched, e.g. Ray's object store pages read through); empty elsewhere."""
+    parts = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "RssFile", "RssShmem"):
+                    parts[key[3:].lower()] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return parts
 
 
 def _all_reduce_max(value: float, device: torch.device) -> float:
