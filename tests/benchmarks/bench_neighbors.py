@@ -16,8 +16,9 @@ In one run it:
 3. a nightly (``--nightly`` of the tracks changed, as many new): the stage's update of that
    index (``nightly.update_s``) beside a full search on the same new vectors
    (``nightly.full_s``), both with recall@k on the same seeded queries;
-4. ``exact_seconds_projected``: the exact search of those queries (the same BLAS product
-   ``top_k_cosine`` does, against all tracks) timed and scaled to every track.
+4. ``exact_seconds_projected``: the exact search of those queries
+   (:func:`deepcontent.embed.ann.exact_neighbors_of`: the BLAS product against all tracks and
+   the group-maximum top-k) timed and scaled to every track.
 
 The last line of output is the JSON result.
 """
