@@ -89,11 +89,13 @@ TABLE_PROPERTIES = {"commit.retry.num-retries": "0"}
 
 def _missing_object(exc: BaseException) -> bool:
     """Whether an I/O error says the object is not there (a local FileNotFoundError, or an S3
-    NoSuchKey / 404 that pyarrow reports as a plain OSError)."""
+    NoSuchKey / 404 that pyarrow reports as a plain OSError: ``NO_SUCH_KEY`` when the server's
+    answer has an error body, ``RESOURCE_NOT_FOUND`` when it has none)."""
     if isinstance(exc, FileNotFoundError):
         return True
     text = str(exc)
-    return isinstance(exc, OSError) and ("NO_SUCH_KEY" in text or "NoSuchKey" in text or "HTTP 404" in text)
+    return isinstance(exc, OSError) and any(
+        code in text for code in ("NO_SUCH_KEY", "NoSuchKey", "RESOURCE_NOT_FOUND", "HTTP 404"))
 
 
 def _backoff(attempt: int) -> None:
