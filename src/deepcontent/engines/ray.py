@@ -109,3 +109,51 @@ def shutdown_ray(*, timeout_s: float = 15.0) -> bool:
             logging.getLogger(__name__).warning("could not stop the local Ray processes: %s", exc)
     SHUTDOWN_ABANDONED = True
     return False
+
+
+#: File names of the shared-memory files Ray's object store maps into every worker
+#: (``/dev/shm/plasmaXXXXXX``, or the same name under its fallback directory).
+OBJECT_STORE_FILE_PREFIX = "plasma"
+_MADV_DONTNEED = 4  # Linux <sys/mman.h>
+
+
+def release_object_store_pages(*, maps_path: str = "/proc/self/maps", prefix: str = OBJECT_STORE_FILE_PREFIX) -> int:
+    """Drop this process's page-table entries for the object store's shared memory; returns
+    the bytes of mappings released (0 where there is nothing to release or no Linux).
+
+    A worker keeps every object-store page it ever read a block from in its resident set: the
+    store's file is mapped whole into each worker, and a page stays mapped once touched. Those
+    pages are the store's memory (shared, budgeted by ``object_store_memory``, counted once by
+    the machine), but they make the worker's RSS — what memory monitors and limits watch —
+    grow with how much data streamed through it. ``madvise(MADV_DONTNEED)`` on a *shared* file
+    mapping only unmaps: the data stays in the store's file, and a later read of an object maps
+    its pages again. So this is safe at any time, also while blocks are referenced; private
+    mappings are never touched.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        with open(maps_path) as f:
+            lines = f.readlines()
+    except OSError:
+        return 0
+    spans = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or not parts[1].endswith("s"):  # shared mappings only
+            continue
+        path = parts[5].strip()  # may end in " (deleted)": the store can unlink its file once mapped
+        if not path.rsplit("/", 1)[-1].startswith(prefix):
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        spans.append((start, end - start))
+    if not spans:
+        return 0
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    for start, length in spans:
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED) == 0:
+            released += length
+    return released
