@@ -412,6 +412,10 @@ class TrainConfig(_Section):
     # architecture and window must match; its output layer (a projection) is not loaded.
     init_from: str | None = None
     init_registry_root: str | None = None
+    # With init_from: the learning rate of the pretrained layers as a fraction of ``lr`` (the
+    # output layer, new, keeps ``lr``). Below 1 the backbone moves less from what it learned;
+    # 1 = every layer alike. No effect on a run without init_from.
+    init_lr_scale: float = Field(1.0, gt=0.0, le=1.0)
 
     @field_validator("variants")
     @classmethod
@@ -653,6 +657,9 @@ class EvaluateConfig(_Section):
     # replicate under <root>/replicates/seed-<s>/ (its own factors, models and runs, reading
     # this catalog's inputs; its own warehouse namespace). Empty: one run at the configured seeds.
     seeds: tuple[int, ...] = ()
+    # With seeds: every method minus this one, seed by seed (mean ± sd of the paired
+    # differences: the error bar of "beats the CNN from scratch"); skipped when not in methods.
+    seeds_reference: str = "cnn_mse"
     # Where a copy of metrics.json and report.html goes on the local disk (also written to
     # <root>/evaluate/<run_id>/ in object storage).
     report_dir: str = ".deepcontent/report"

@@ -52,9 +52,13 @@ OPERATIONAL = frozenset({"max_failures", "checkpoints_to_keep", "epoch_hook", "p
 
 
 def model_version(cfg: Config, *, inputs: dict[str, str], code: str) -> str:
-    """``<model>-<16 hex>`` from the train config (operational keys excluded), the factorize
-    and spectrogram config fingerprints, the input run ids and the code version."""
+    """``<model>-<16 hex>`` from the train config (operational keys excluded, and
+    ``init_lr_scale`` where it changes nothing), the factorize and spectrogram config
+    fingerprints, the input run ids and the code version."""
     train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in OPERATIONAL}
+    if not cfg.train.init_from or cfg.train.init_lr_scale == 1.0:
+        # a setting of fine-tuning only: a run from scratch, or at one rate, learns the same model
+        train.pop("init_lr_scale")
     blob = json.dumps({"train": train, "factorize": cfg.fingerprint("factorize"),
                        "spectrograms": cfg.fingerprint("spectrograms"), "inputs": dict(sorted(inputs.items())),
                        "code": code}, sort_keys=True, default=str)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from deepcontent.evaluate.metrics import seed_summary, separated_orderings
+from deepcontent.evaluate.metrics import seed_differences, seed_summary, separated_orderings
 from deepcontent.storage import Storage
 from support import config_for, run_stage
 
@@ -27,6 +27,20 @@ def test_seed_summary_is_the_mean_and_sample_sd_of_each_metric():
     assert seed_summary({3: {"a": {"auc": 0.6}}})["a"]["auc"] == {"mean": 0.6, "sd": 0.0, "values": [0.6]}
     with pytest.raises(ValueError, match="at least one"):
         seed_summary({})
+
+
+def test_paired_differences_to_the_reference_are_taken_seed_by_seed():
+    # b is above a on every seed by 0.01-0.02 while their intervals overlap: the paired sd is small
+    per_seed = {0: {"a": {"auc": 0.70, "n_users": 9}, "b": {"auc": 0.72, "n_users": 9}, "c": {"auc": 0.5}},
+                1: {"a": {"auc": 0.60, "n_users": 9}, "b": {"auc": 0.61, "n_users": 9}, "c": {"auc": 0.9}},
+                2: {"a": {"auc": 0.65, "n_users": 9}, "b": {"auc": 0.665, "n_users": 9}, "c": {"auc": 0.5}}}
+    d = seed_differences(per_seed, reference="a")
+    assert set(d) == {"b", "c"} and set(d["b"]) == {"auc"}  # counts are not differences
+    assert d["b"]["auc"]["values"] == pytest.approx([0.02, 0.01, 0.015])
+    assert d["b"]["auc"]["mean"] == pytest.approx(0.015) and d["b"]["auc"]["sd"] == pytest.approx(0.005)
+    assert d["b"]["auc"]["wins"] == 3 and d["c"]["auc"]["wins"] == 1
+    assert separated_orderings(seed_summary(per_seed), metric="auc") == []  # the marginal intervals overlap
+    assert seed_differences(per_seed, reference="missing") == {}
 
 
 def test_an_ordering_holds_only_where_the_intervals_are_apart():
@@ -81,7 +95,8 @@ def test_three_seeds_refit_wmf_and_regressors_in_replicates_and_leave_the_catalo
     before = factors.pointer(storage)
     with Warehouse.from_config(cfg.warehouse, storage) as wh:
         snapshot_before = wh.table("item_factors").current_snapshot().snapshot_id
-    cfg3 = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"seeds": (0, 1, 2)})})
+    cfg3 = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"seeds": (0, 1, 2),
+                                                                             "seeds_reference": "random"})})
     result = run_stage("evaluate", cfg3, storage, spark)
     seeds = result.details["seeds"]
 
@@ -96,6 +111,10 @@ def test_three_seeds_refit_wmf_and_regressors_in_replicates_and_leave_the_catalo
         assert row["mean"] == pytest.approx(np.mean(values)) and row["sd"] == pytest.approx(np.std(values, ddof=1))
         assert all(math.isfinite(v) for v in values)
     assert ["upper_bound", "random"] in seeds["orderings"]["auc"]
+    diff = seeds["differences"]
+    assert diff["reference"] == "random" and set(diff["methods"]) == {"bow_linear", "upper_bound"}
+    assert diff["methods"]["upper_bound"]["auc"]["values"] == pytest.approx(
+        [per_seed[s]["upper_bound"]["auc"] - per_seed[s]["random"]["auc"] for s in ("0", "1", "2")])
 
     # each replicate wrote its factors under its own root; the catalog's factors and table are untouched
     for s in (1, 2):

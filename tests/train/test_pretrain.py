@@ -17,7 +17,7 @@ from deepcontent.errors import TrainingDataError
 from deepcontent.models import build_model
 from deepcontent.models.augment import frequency_mask, time_mask
 from deepcontent.stages.pretrain import pretraining_clips
-from deepcontent.train.loop import load_backbone
+from deepcontent.train.loop import load_backbone, model_kwargs
 from deepcontent.train.objectives import info_nce
 
 
@@ -99,6 +99,20 @@ def test_a_backbone_loads_into_a_train_model_except_its_output_layer():
         load_backbone(build_model("deep_cnn", n_factors=5, n_mels=16), pre.state_dict())
 
 
+def test_a_pretrained_backbone_learns_at_its_own_rate_and_the_output_layer_at_lr():
+    from deepcontent.train.loop import param_groups
+
+    model = build_model("paper_cnn", n_factors=5, n_mels=16, n_frames=60)
+    groups = param_groups(model, lr=1e-3, backbone_lr_scale=0.1)
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-4), 1e-3]
+    assert {id(p) for p in groups[1]["params"]} == {id(model.output.weight), id(model.output.bias)}
+    assert len(groups[0]["params"]) + 2 == len(list(model.parameters()))
+    only = param_groups(model, lr=1e-3)  # from scratch: one group, as before
+    assert len(only) == 1 and len(only[0]["params"]) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="no output layer"):
+        param_groups(torch.nn.Linear(3, 2), lr=1e-3, backbone_lr_scale=0.5)
+
+
 def test_pretrain_registers_resumes_after_a_killed_worker_and_initialises_train(catalog, ray_local):
     from deepcontent.registry import load_model, registered, variant_pointer
     from support import run_stage
@@ -122,13 +136,22 @@ def test_pretrain_registers_resumes_after_a_killed_worker_and_initialises_train(
     assert not run_stage("pretrain", cfg, storage).published  # registered: nothing trains again
 
     tcfg = base_cfg.model_copy(deep=True)
+    # a backbone learning rate a millionth of the output layer's: the pretrained layers stay put
     for k, v in {"num_workers": 2, "batch_size": 32, "epochs": 2, "windows_per_clip": 1,
-                 "init_from": "pretrained"}.items():
+                 "init_from": "pretrained", "init_lr_scale": 1e-6}.items():
         setattr(tcfg.train, k, v)
     tuned = run_stage("train", tcfg, storage)
     tmeta = registered(storage, tuned.model_version)
     assert tmeta["pretrained_from"]["model_version"] == result.model_version
     assert tmeta["inputs"]["pretrained_model"] == result.model_version and math.isfinite(tuned.metrics["valid_nmse"])
+    tuned_model, _ = load_model(storage, tuned.model_version)
+    pre_state, tuned_state = model.state_dict(), tuned_model.state_dict()
+    for k in ("conv1.weight", "conv2.weight", "dense.weight"):
+        assert (tuned_state[k] - pre_state[k]).abs().max() < 1e-5, k  # Adam steps of ≈ lr × 1e-6
+    torch.manual_seed(tcfg.train.seed)  # the loop's initial net, before the backbone is loaded
+    initial = build_model("paper_cnn", n_factors=tuned_state["output.weight"].shape[0],
+                          **model_kwargs(tcfg.train, n_mels=pre_state["conv1.weight"].shape[1]))
+    assert (tuned_state["output.weight"] - initial.output.weight).abs().max() > 1e-4  # the new layer learns at lr
 
 
 def test_same_label_retrieval_map_by_hand_and_against_chance():

@@ -121,6 +121,12 @@ def test_model_version_follows_config_data_and_code_but_not_operational_settings
     assert v != model_version(changed, inputs=inputs, code="0.1.0+abc")
     operational = load_config(None, overrides=["train.max_failures=5", "train.epoch_hook=x:y"], environ={})
     assert v == model_version(operational, inputs=inputs, code="0.1.0+abc")
+    # the backbone's learning-rate scale names a fine-tuned model only
+    assert v == model_version(load_config(None, overrides=["train.init_lr_scale=0.3"], environ={}),
+                              inputs=inputs, code="0.1.0+abc")
+    tuned = [load_config(None, overrides=["train.init_from=pretrained", f"train.init_lr_scale={x}"], environ={})
+             for x in (1.0, 0.3)]
+    assert len({v, *(model_version(c, inputs=inputs, code="0.1.0+abc") for c in tuned)}) == 3
 
 
 def test_model_kwargs_and_steps_per_epoch():

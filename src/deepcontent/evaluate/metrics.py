@@ -48,6 +48,7 @@ __all__ = [
     "popularity_auc",
     "popularity_scores",
     "recall_at_k",
+    "seed_differences",
     "seed_summary",
     "separated_orderings",
     "tag_prediction_metrics",
@@ -666,6 +667,53 @@ def seed_summary(per_seed: Mapping[int, Mapping[str, Mapping[str, float]]]) -> d
             v = np.asarray(values, dtype=np.float64)
             row[metric] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                            "values": values}
+        out[method] = row
+    return out
+
+
+def seed_differences(per_seed: Mapping[int, Mapping[str, Mapping[str, float]]], *, reference: str) -> dict:
+    """Each method minus ``reference``, seed by seed: mean ± sample sd of the paired differences.
+
+    Seeds move every method together (the same seed's WMF factors are every regressor's
+    target), so two methods' intervals can overlap while one beats the other on every seed;
+    the paired difference's sd is the error bar of the comparison itself.
+
+    Parameters
+    ----------
+    per_seed : mapping
+        ``{seed: {method: {metric: value}}}``, as :func:`seed_summary` takes it.
+    reference : str
+        The method subtracted (e.g. ``"cnn_mse"``, the CNN from scratch).
+
+    Returns
+    -------
+    dict
+        ``{method: {metric: {"mean", "sd", "values", "wins"}}}`` for every other method and
+        float metric that every seed has for both; ``wins`` counts the seeds where the method
+        is above the reference. Empty when some seed lacks ``reference``.
+
+    >>> per_seed = {0: {"a": {"auc": 0.70}, "b": {"auc": 0.72}}, 1: {"a": {"auc": 0.60}, "b": {"auc": 0.61}}}
+    >>> d = seed_differences(per_seed, reference="a")["b"]["auc"]
+    >>> round(d["mean"], 3), d["wins"]
+    (0.015, 2)
+    """
+    seeds = sorted(per_seed)
+    if not seeds or any(reference not in per_seed[s] for s in seeds):
+        return {}
+    out: dict = {}
+    for method in per_seed[seeds[0]]:
+        if method == reference or any(method not in per_seed[s] for s in seeds):
+            continue
+        row: dict = {}
+        for metric, value in per_seed[seeds[0]][method].items():
+            if not isinstance(value, (float, np.floating)):
+                continue  # counts and flags are not compared
+            pairs = [(per_seed[s][method].get(metric), per_seed[s][reference].get(metric)) for s in seeds]
+            if any(a is None or b is None for a, b in pairs):
+                continue
+            d = np.asarray([float(a) - float(b) for a, b in pairs], dtype=np.float64)
+            row[metric] = {"mean": float(d.mean()), "sd": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                           "values": d.tolist(), "wins": int((d > 0).sum())}
         out[method] = row
     return out
 

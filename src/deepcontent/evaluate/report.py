@@ -259,6 +259,17 @@ def _seeds(section) -> str:
     for k, pairs in (section.get("orderings") or {}).items():
         text = ", ".join(f"{a} > {b}" for a, b in pairs) or "none: every pair's intervals overlap"
         body.append(f"<p><b>{_e(_metric_label(k))}</b> orderings that hold: {_e(text)}.</p>")
+    diffs = section.get("differences") or {}
+    if diffs.get("methods"):
+        ref, n = diffs["reference"], len(section.get("seeds", []))
+        rows = []
+        for m, r in diffs["methods"].items():
+            cells = "".join(f"<td>{r[k]['mean']:+.4f} ± {r[k]['sd']:.4f} ({r[k]['wins']}/{n})</td>"
+                            if isinstance(r.get(k), Mapping) else "<td>n/a</td>" for k in metric_names)
+            rows.append(f'<tr><td class="name">{_e(m)} − {_e(ref)}</td>{cells}</tr>')
+        body.append(f"<p>Paired differences to {_e(ref)}, seed by seed: mean ± sd (seeds where the method is "
+                    f"above {_e(ref)}).</p>")
+        body.append(f'<table><tr><th class="name">difference</th>{head}</tr>{"".join(rows)}</table>')
     return _section(title, "\n".join(body), "seeds")
 
 

@@ -550,9 +550,10 @@ def _seed_results(cfg: Config, ctx: StageContext) -> dict[int, dict]:
 
 
 def _seeds_section(cfg: Config, replicates: dict[int, dict], cold: dict) -> dict:
-    """``metrics.json``'s ``seeds``: the per-seed cold-start tables, their mean ± sd and the
-    orderings that hold (intervals apart)."""
-    from deepcontent.evaluate.metrics import seed_summary, separated_orderings
+    """``metrics.json``'s ``seeds``: the per-seed cold-start tables, their mean ± sd, the
+    orderings that hold (intervals apart) and every method's paired difference to
+    ``evaluate.seeds_reference``."""
+    from deepcontent.evaluate.metrics import seed_differences, seed_summary, separated_orderings
 
     base = catalog_seed(cfg)
     per_seed = {s: r["cold_start"] for s, r in replicates.items()}
@@ -563,6 +564,8 @@ def _seeds_section(cfg: Config, replicates: dict[int, dict], cold: dict) -> dict
     return {"seeds": sorted(per_seed), "catalog_seed": base if base in per_seed else None,
             "cold_start": summary, "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)},
             "orderings": {m: [list(p) for p in separated_orderings(summary, metric=m)] for m in metrics},
+            "differences": {"reference": cfg.evaluate.seeds_reference,
+                            "methods": seed_differences(per_seed, reference=cfg.evaluate.seeds_reference)},
             "replicates": {str(s): r["root"] for s, r in replicates.items()},
             "protocol": "per seed: the cold-start WMF, every regressor and every CNN variant refitted with that seed "
                         "on the same song split; mean and sample sd over seeds; an ordering a > b is listed when "

@@ -42,7 +42,7 @@ from deepcontent.train.objectives import make_objective
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["build_regressor", "load_backbone", "model_kwargs", "predict_clips", "train_loop_per_worker"]
+__all__ = ["build_regressor", "load_backbone", "model_kwargs", "param_groups", "predict_clips", "train_loop_per_worker"]
 
 CHECKPOINT_FILE = "state.pt"
 #: Spill directories are named ``<prefix><pid>-<random>`` (see :func:`_sweep_dead_spills`).
@@ -80,6 +80,27 @@ def load_backbone(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
     missing = [k for k in missing if not k.startswith("output.")]
     if missing or unexpected:
         raise ValueError(f"the pretrained weights do not fit this model: missing {missing}, unexpected {unexpected}")
+
+
+def param_groups(model: torch.nn.Module, *, lr: float, backbone_lr_scale: float = 1.0) -> list[dict]:
+    """The optimiser's parameter groups: every layer but the output at ``lr × backbone_lr_scale``,
+    the output layer (``output.*``, the one :func:`load_backbone` leaves new) at ``lr``.
+
+    One group at ``lr`` when the scale is 1, so a run from scratch optimises exactly as before
+    (and its checkpointed optimiser state has the same layout).
+
+    >>> net = torch.nn.ModuleDict({"dense": torch.nn.Linear(4, 3), "output": torch.nn.Linear(3, 2)})
+    >>> [(len(g["params"]), g["lr"]) for g in param_groups(net, lr=1e-3, backbone_lr_scale=0.1)]
+    [(2, 0.0001), (2, 0.001)]
+    """
+    if backbone_lr_scale == 1.0:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    backbone = [p for name, p in model.named_parameters() if not name.startswith("output.")]
+    head = [p for name, p in model.named_parameters() if name.startswith("output.")]
+    if not head:
+        raise ValueError(f"{type(model).__name__} has no output layer (parameters named output.*) to keep at the "
+                         f"full learning rate; backbone_lr_scale={backbone_lr_scale} needs one")
+    return [{"params": backbone, "lr": lr * backbone_lr_scale}, {"params": head, "lr": lr}]
 
 
 def build_regressor(name: str, *, n_factors: int, params: dict[str, Any]) -> torch.nn.Module:
@@ -215,7 +236,9 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
     # DDP wraps the net; validation and checkpoints use the bare module (no collectives)
     base = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pretrained = config.get("init_state") is not None
+    opt = torch.optim.Adam(param_groups(base, lr=cfg.lr, backbone_lr_scale=cfg.init_lr_scale if pretrained else 1.0),
+                           lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
 
