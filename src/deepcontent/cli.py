@@ -222,7 +222,22 @@ def _seeds_lines(seeds: dict | None, *, indent: str = "    ") -> list[str]:
         lines.append(f"{indent}{method:<14}" + "".join(f"{c:>{width}}" for c in cells))
     for k, pairs in (seeds.get("orderings") or {}).items():
         lines.append(f"{indent}{head[k]} orderings that hold: " + (", ".join(f"{a} > {b}" for a, b in pairs) or "none"))
+    diffs = seeds.get("differences") or {}
+    if diffs.get("methods"):
+        ref, n = diffs["reference"], len(seeds["seeds"])
+        lines.append(f"{indent}minus {ref}, seed by seed (mean ± sd, seeds ahead):")
+        for method, r in diffs["methods"].items():
+            cells = [f"{r[k]['mean']:+.4f} ± {r[k]['sd']:.4f} {r[k]['wins']}/{n}" if k in r else "—" for k in keys]
+            lines.append(f"{indent}{method:<14}" + "".join(f"{c:>{width + 4}}" for c in cells))
     return lines
+
+
+def _map_se(r: dict) -> str:
+    """``0.536 ± 0.041`` (the standard error when there is one), ``—`` without a mAP."""
+    m, se = r.get("retrieval_map"), r.get("retrieval_map_se")
+    if m is None or m != m:
+        return "—"
+    return f"{m:.3f} ± {se:.3f}" if se is not None and se == se else f"{m:.3f}"
 
 
 def _accuracy_lines(results: dict, *, indent: str = "    ") -> list[str]:
@@ -238,13 +253,13 @@ def _accuracy_lines(results: dict, *, indent: str = "    ") -> list[str]:
     grouped = (f"grouped ({g['protocol'].replace('_', '-')}, {g['folds']} folds)" if g else "grouped")
     width = max(24, *(len(n) + 2 for n in rows))
     lines = [f"{indent}{'features':<{width}}{strat:>22}  {grouped:>44}  {'1-NN other group':>17}  {'1-NN any':>9}"
-             f"  {'retrieval mAP':>13}"]
+             f"  {'retrieval mAP ± se':>19}"]
     for name, r in rows.items():
         st = (f"{fmt(r.get('stratified_mean'))} ± {fmt(r.get('stratified_std'))}"
               if r.get("stratified_mean") is not None else "—")
         lines.append(f"{indent}{name:<{width}}{st:>22}  {fmt(r.get('grouped_accuracy')):>44}  "
                      f"{fmt(r.get('grouped_1nn_accuracy')):>17}  {fmt(r.get('any_1nn_accuracy')):>9}"
-                     f"  {fmt(r.get('retrieval_map')):>13}")
+                     f"  {_map_se(r):>19}")
     if g is None:
         reason = first.get("grouped_skipped") or "no grouping"
         lines.append(f"{indent}(grouped: {reason})")

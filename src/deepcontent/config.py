@@ -464,6 +464,10 @@ class PretrainConfig(_Section):
     freq_mask_bands: int = Field(16, ge=0)
     # Tracks held out (by a hash of the track id) to score the objective each epoch.
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    # Window pairs drawn per held-out track to score it (the same draws every epoch): a held-out
+    # share of a small catalog is a few dozen tracks, and one pair each makes early stopping
+    # follow the draw rather than the backbone.
+    valid_pairs: int = Field(8, ge=1)
     windows_per_clip: int = Field(4, ge=1)
     batch_size: int = Field(64, ge=2)
     epochs: int = Field(20, ge=1)

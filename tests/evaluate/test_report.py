@@ -228,3 +228,15 @@ def test_training_losses_of_different_scales_get_a_log_axis():
     assert _curve_scale([mse - 1.0, wpe]) == "linear"  # a zero or negative value: no log axis
     assert _curve_scale([np.array([np.nan, 1.0]), np.array([100.0])]) == "log"  # NaN epochs ignored
     assert _curve_scale([]) == "linear"
+
+
+def test_the_seeds_section_shows_each_methods_paired_difference_to_the_reference():
+    from deepcontent.evaluate.metrics import seed_differences, seed_summary
+
+    per_seed = {0: {"cnn_mse": {"auc": 0.70}, "cnn_finetuned": {"auc": 0.72}},
+                1: {"cnn_mse": {"auc": 0.60}, "cnn_finetuned": {"auc": 0.61}}}
+    seeds = {"seeds": [0, 1], "cold_start": seed_summary(per_seed), "orderings": {"auc": []},
+             "differences": {"reference": "cnn_mse", "methods": seed_differences(per_seed, reference="cnn_mse")}}
+    text = render_report({"cold_start": {"cnn_mse": {"auc": 0.70}}, "seeds": seeds}, sections=("seeds",))
+    assert "Paired differences to cnn_mse" in text
+    assert re.search(r"cnn_finetuned − cnn_mse</td><td>\+0\.0150 ± 0\.0071 \(2/2\)</td>", text), text[-2000:]

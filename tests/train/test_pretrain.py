@@ -5,6 +5,7 @@ train run fine-tuned from it."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -85,6 +86,34 @@ def test_the_held_out_tracks_are_a_stable_share_of_every_clip():
         pretraining_clips(clips.slice(0, 3), valid_fraction=0.1, seed=0)
 
 
+def test_validation_scores_every_held_out_clip_valid_pairs_times_with_the_same_draws():
+    from types import SimpleNamespace
+
+    from deepcontent.train.data import ClipBank
+    from deepcontent.train.objectives import Contrastive
+
+    n, frames, mels = 5, 40, 16
+    g = torch.Generator().manual_seed(0)
+    bank = ClipBank(frames=torch.randn(n * frames, mels, generator=g).half(), offsets=torch.arange(n) * frames,
+                    lengths=torch.full((n,), frames), targets=torch.zeros(n, 1), items=torch.full((n,), -1),
+                    track_ids=[str(i) for i in range(n)])
+    clips = SimpleNamespace(banks=lambda: iter([bank]))
+    cfg = SimpleNamespace(window_frames=20, batch_size=4, seed=3, gain_db=0.0)
+    spec = {"temperature": 0.1, "time_masks": 0, "time_mask_frames": 0, "freq_masks": 0, "freq_mask_bands": 0}
+    torch.manual_seed(0)
+    model = build_model("paper_cnn", n_factors=8, n_mels=mels, n_frames=20, filter_length=3, pool_sizes=(2, 2))
+    model.eval()
+    one = Contrastive(cfg, spec, device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    four = Contrastive(cfg, {**spec, "valid_pairs": 4}, device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    once, again = one.validate(model, clips), one.validate(model, clips)
+    assert once == again and once[2] == 2 * 4  # batches of 4 + 1 clips: the lone fifth has no negative
+    many = four.validate(model, clips)
+    assert many[2] == 4 * once[2]  # every clip scored four times
+    assert many[0] != pytest.approx(4 * once[0])  # other draws, not the first pair four times
+    with pytest.raises(ValueError, match="valid_pairs"):
+        Contrastive(cfg, {**spec, "valid_pairs": 0}, device=torch.device("cpu"), autocast=contextlib.nullcontext)
+
+
 def test_a_backbone_loads_into_a_train_model_except_its_output_layer():
     torch.manual_seed(0)
     pre = build_model("paper_cnn", n_factors=32, n_mels=16, n_frames=60)
@@ -163,12 +192,21 @@ def test_same_label_retrieval_map_by_hand_and_against_chance():
     r = label_retrieval_map(x, ["a", "a", "b", "b"])
     assert r["n_queries"] == 4 and 0 < r["map"] <= 1
     clusters = np.repeat(np.eye(4), 25, axis=0) + 0.01 * np.random.default_rng(0).standard_normal((100, 4))
-    assert label_retrieval_map(clusters, np.repeat(list("abcd"), 25))["map"] == pytest.approx(1.0)
+    perfect = label_retrieval_map(clusters, np.repeat(list("abcd"), 25))
+    assert perfect["map"] == pytest.approx(1.0) and perfect["map_se"] == pytest.approx(0.0, abs=1e-12)
     noise = np.random.default_rng(1).standard_normal((400, 6))
     r = label_retrieval_map(noise, np.repeat(list("abcd"), 100))
     assert abs(r["map"] - r["chance"]) < 0.05 and r["chance"] == pytest.approx(99 / 399)
+    # mAP and its standard error against scikit-learn's average precision, query by query
+    from sklearn.metrics import average_precision_score
+
+    y = np.repeat(list("abcd"), 100)
+    z = (noise - noise.mean(0)) / noise.std(0)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    aps = [average_precision_score(np.delete(y == y[i], i), np.delete(z @ z[i], i)) for i in range(len(y))]
+    assert r["map"] == pytest.approx(np.mean(aps)) and r["map_se"] == pytest.approx(np.std(aps, ddof=1) / 20)
     single = label_retrieval_map(np.eye(3), ["a", "b", "c"])  # nobody has a relevant other clip
-    assert single["n_queries"] == 0 and math.isnan(single["map"])
+    assert single["n_queries"] == 0 and math.isnan(single["map"]) and math.isnan(single["map_se"])
 
 
 def test_the_finetuned_variant_starts_from_the_evaluations_pretrained_model():

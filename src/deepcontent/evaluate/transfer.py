@@ -91,7 +91,8 @@ PROTOCOL_NOTES: dict[str, str] = {
                         "grouped_1nn_accuracy is how much 'similar' meant 'same group'",
     "retrieval_map": "query by example: for each clip every other clip ranked by cosine similarity (features "
                      "standardised over all clips); relevant = same label; mean average precision over the clips "
-                     "with a relevant other clip (retrieval_chance: a random ranking's)",
+                     "with a relevant other clip (retrieval_map_se: its standard error over those queries; "
+                     "retrieval_chance: a random ranking's)",
     "kmeans": "spherical K-means (PCA-whitened 4-frame windows, max-pooled activations) fitted, for the SVMs, on "
               "each outer fold's training clips only (the inner loop reuses it); for the 1-NN, on every clip "
               "(unsupervised, no label seen)",
@@ -550,8 +551,9 @@ def label_retrieval_map(features: np.ndarray, labels: Sequence, *, block: int = 
     Returns
     -------
     dict
-        ``map``, ``n_queries`` (clips with a relevant other clip) and ``chance`` (the mAP of a
-        random ranking, about the mean share of relevant clips).
+        ``map``, ``map_se`` (its standard error over the queries: sample sd of the average
+        precisions / √n_queries), ``n_queries`` (clips with a relevant other clip) and
+        ``chance`` (the mAP of a random ranking, about the mean share of relevant clips).
 
     >>> round(label_retrieval_map(np.array([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]]), ["a", "a", "b", "b"])["map"], 3)
     1.0
@@ -578,7 +580,8 @@ def label_retrieval_map(features: np.ndarray, labels: Sequence, *, block: int = 
         for i in np.flatnonzero(hits):
             aps.append(float((cum[i][rel[i]] / ranks[rel[i]]).mean()))
             chance.append(hits[i] / (n - 1))
-    return {"map": float(np.mean(aps)) if aps else float("nan"), "n_queries": len(aps),
+    se = float(np.std(aps, ddof=1) / np.sqrt(len(aps))) if len(aps) > 1 else float("nan")
+    return {"map": float(np.mean(aps)) if aps else float("nan"), "map_se": se, "n_queries": len(aps),
             "chance": float(np.mean(chance)) if chance else float("nan")}
 
 
@@ -675,7 +678,8 @@ def transfer_protocols(
         out["grouped_1nn_accuracy"] = None if np.isnan(nn["accuracy"]) else nn["accuracy"]
     retrieval = label_retrieval_map(X_nn, y)
     out.update(any_1nn_accuracy=nn["any_accuracy"], nearest_neighbour=nn, dim=int(np.shape(X_nn)[1]),
-               retrieval_map=retrieval["map"], retrieval_chance=retrieval["chance"])
+               retrieval_map=retrieval["map"], retrieval_map_se=retrieval["map_se"],
+               retrieval_chance=retrieval["chance"])
     return out
 
 

@@ -163,7 +163,7 @@ def run(cfg: Config, ctx: StageContext) -> StageResult:
                  pc_.projection_dim, pc_.temperature, tc.num_workers, backend.torch_backend, steps, tc.epochs)
         objective = {"kind": "contrastive", "temperature": pc_.temperature, "time_masks": pc_.time_masks,
                      "time_mask_frames": pc_.time_mask_frames, "freq_masks": pc_.freq_masks,
-                     "freq_mask_bands": pc_.freq_mask_bands}
+                     "freq_mask_bands": pc_.freq_mask_bands, "valid_pairs": pc_.valid_pairs}
         ctx.ensure_ray()
         with run.timed("fit"):
             try:

@@ -167,7 +167,8 @@ class Contrastive:
     cfg : TrainConfig
         The loop's settings (window, gain, batch and eval batch sizes, seed).
     objective : dict
-        ``temperature``, ``time_masks``, ``time_mask_frames``, ``freq_masks``, ``freq_mask_bands``.
+        ``temperature``, ``time_masks``, ``time_mask_frames``, ``freq_masks``, ``freq_mask_bands``
+        and optionally ``valid_pairs`` (window pairs per held-out clip in :meth:`validate`; 1).
     device, autocast
         As :class:`Regression`.
     """
@@ -178,6 +179,9 @@ class Contrastive:
         self.cfg, self.device, self.autocast = cfg, device, autocast
         self.temperature = float(objective["temperature"])
         self.masks = {k: int(objective[k]) for k in ("time_masks", "time_mask_frames", "freq_masks", "freq_mask_bands")}
+        self.valid_pairs = int(objective.get("valid_pairs", 1))
+        if self.valid_pairs < 1:
+            raise ValueError(f"valid_pairs must be at least 1, got {self.valid_pairs}")
 
     def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         m = self.masks
@@ -202,13 +206,14 @@ class Contrastive:
     @torch.no_grad()
     def validate(self, model: torch.nn.Module, clips) -> list[float]:
         """``[loss · anchors, correct, anchors]`` over this worker's held-out clips in batches
-        of ``batch_size`` clips, two unaugmented windows each drawn with a fixed seed (the same
-        pairs every epoch); a last batch of fewer than 2 clips is left out (no negative)."""
+        of ``batch_size`` clips, ``valid_pairs`` times over, two unaugmented windows per clip each
+        time, drawn with a fixed seed (the same pairs every epoch); a last batch of fewer than 2
+        clips is left out (no negative)."""
         batch = self.cfg.batch_size
         loss_sum, correct, anchors = 0.0, 0.0, 0.0
         for bank in clips.banks():
             gen = torch.Generator(device=bank.frames.device).manual_seed(self.cfg.seed + 7_919)
-            for start in range(0, len(bank), batch):
+            for start in [s for _ in range(self.valid_pairs) for s in range(0, len(bank), batch)]:
                 idx = torch.arange(start, min(len(bank), start + batch), device=bank.frames.device)
                 if len(idx) < 2:
                     continue
