@@ -560,6 +560,9 @@ def _seeds_section(cfg: Config, replicates: dict[int, dict], cold: dict) -> dict
     if base in cfg.evaluate.seeds:
         per_seed[base] = cold
     summary = seed_summary(per_seed)
+    if cfg.evaluate.seeds_reference not in summary:
+        log.warning("evaluate: evaluate.seeds_reference=%r is not among the methods evaluated (%s): no paired "
+                    "differences", cfg.evaluate.seeds_reference, ", ".join(summary))
     metrics = [k for k, v in next(iter(summary.values())).items() if isinstance(v, dict)] if summary else []
     return {"seeds": sorted(per_seed), "catalog_seed": base if base in per_seed else None,
             "cold_start": summary, "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)},
