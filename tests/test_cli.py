@@ -81,3 +81,13 @@ def test_pipeline_on_the_embedded_default_end_to_end(tmp_path):
     again = run(["ingest", "--json", "spark.master=local[2]"], tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["published"] is False
+
+
+def test_overrides_may_follow_an_option(tmp_path):
+    # `evaluate a=1 --seeds 3 b=2` as scripts build it: every key=value counts, wherever it stands
+    out = run(["config", "show", "evaluate.seeds_reference=random", "--config", str(REPO / "conf" / "local.yaml"),
+               "train.init_lr_scale=0.5"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "seeds_reference: random" in out.stdout and "init_lr_scale: 0.5" in out.stdout
+    out = run(["config", "show", "--config", str(REPO / "conf" / "local.yaml"), "stray"], tmp_path)
+    assert out.returncode == 2 and "unrecognized arguments: stray" in out.stderr

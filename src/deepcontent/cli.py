@@ -529,8 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         return submit_main([*leading, *rest[1:]])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # `transfer DIR --model none key=value`: positionals after the options
-        if getattr(args, "command", None) != "transfer" or any(a.startswith("-") for a in extra):
+    if extra:  # `transfer DIR --model none key=value`, `evaluate a=1 --seeds 3 b=2`: positionals after options
+        transfer = getattr(args, "command", None) == "transfer"
+        if any(a.startswith("-") or not (transfer or _is_override(a)) for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     if args.command in ("embed-files", "transfer"):
