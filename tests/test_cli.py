@@ -80,7 +80,7 @@ def test_pipeline_on_the_embedded_default_end_to_end(tmp_path):
     # Re-running with nothing new publishes nothing.
     again = run(["ingest", "--json", "spark.master=local[2]"], tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert json.loads(again.stdout.strip().splitlines()[-1])["published"] is False
+    assert json.loads(again.stdout.strip().splitlines()[-1])["published"] is False, again.stderr[-3000:]
 
 
 def test_overrides_may_follow_an_option(tmp_path):
